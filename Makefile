@@ -1,0 +1,34 @@
+# fabrik: the two set-up commands of the README are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_VERSION ?= 2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL ?=
+
+.PHONY: install test test-fast run bench clean
+
+# The stamp is rebuilt when the project's dependencies change.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned to the CPU wheel: an unpinned torch would pull several GB of CUDA.
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e ".[server,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+run: install
+	$(VENV)/bin/fabrik serve $(MODEL) --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,62 @@
+"""Engine configuration: plain dataclasses, validated on construction. Pure Python."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+def parse_bytes(value: str | int) -> int:
+    """Parse a memory size such as ``4GiB``, ``512MB`` or ``1073741824`` into bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid memory size {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"memory size must be > 0, got {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"invalid memory size {value!r} (use e.g. 4GiB, 512MB or a byte count)")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"memory size must be > 0, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the paged KV cache is laid out and how much memory it may take."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory_bytes: int = 2 * 2**30
+    """Memory budget of the KV cache, in bytes; the number of blocks follows from it."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of prompts that share a prefix with earlier requests."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size ({self.block_size!r}) must be an int >= 1")
+        if not isinstance(self.kv_cache_memory_bytes, int) or self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes ({self.kv_cache_memory_bytes!r}) must be an int >= 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits on what one engine step may contain."""
+
+    max_model_len: int
+    """Longest sequence (prompt + output) a request may reach, in tokens."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks and decodes together)."""
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be an int >= 1")
