@@ -60,3 +60,42 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be an int >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs to start: the model and the limits it runs under."""
+
+    model: str
+    """Hugging Face model folder or hub id."""
+    dtype: str = "auto"
+    """Weight and activation dtype: auto (the checkpoint's), float32 or bfloat16."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when ``model`` is a hub id."""
+    tokenizer: str | None = None
+    """Folder of the tokenizer when it is not the model's own."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens; default: the model's max_position_embeddings."""
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one engine step."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory_bytes: int | None = None
+    """KV cache budget in bytes; default: enough for max_num_seqs full-length sequences, at most 2 GiB."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of shared prompt prefixes."""
+    seed: int = 0
+    """Seed of the global RNG used by unseeded sampling requests."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise ValueError(f"max_model_len ({self.max_model_len!r}) must be an int >= 2")
+        if self.kv_cache_memory_bytes is not None:
+            parse_bytes(self.kv_cache_memory_bytes)
+        SchedulerConfig(max_model_len=self.max_model_len or 2, max_num_batched_tokens=self.max_num_batched_tokens,
+                        max_num_seqs=self.max_num_seqs)
+        CacheConfig(block_size=self.block_size)

@@ -67,6 +67,8 @@ class Request:
     stopping: StoppingCriteria
     sampling_params: Any = None
     """Opaque to the core; the model runner reads it."""
+    use_prefix_cache: bool = True
+    """False when every prompt position must be computed (e.g. prompt logprobs)."""
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1

@@ -128,7 +128,8 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
-            computed_blocks, num_cached = bm.get_computed_blocks(request)
+            computed_blocks, num_cached = (bm.get_computed_blocks(request)
+                                           if request.use_prefix_cache else ([], 0))
             num_new = min(request.num_tokens - num_cached, budget)
             if not bm.allocate_slots(request, num_new, computed_blocks):
                 break

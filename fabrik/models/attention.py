@@ -1,0 +1,140 @@
+"""Paged attention: the KV cache layout, the per-step metadata, and the torch reference implementation.
+
+The KV cache of one layer is a single tensor split into fixed-size blocks. A sequence owns a list of blocks (its
+block table); token ``p`` of the sequence lives in block ``block_table[p // block_size]`` at offset
+``p % block_size``. Blocks of one sequence need not be contiguous or ordered::
+
+    kv_cache[layer]: (2, num_blocks, block_size, num_kv_heads, head_dim)    index 0 = K, 1 = V
+
+    block table of seq A: [5, 2, 7]     positions  0..3 -> block 5, 4..7 -> block 2, 8..9 -> block 7
+                          block 5         block 2         block 7
+                          [p0 p1 p2 p3]   [p4 p5 p6 p7]   [p8 p9 -- --]     (block_size 4, seq_len 10)
+
+Each step feeds every sequence's *new* tokens, flattened into one batch of T tokens. ``paged_attention`` first
+writes their K/V into ``slot_mapping`` slots, then lets each new token attend causally to all of its sequence's
+positions through the block table. The same call serves whole prompts, chunks of a prompt (after earlier chunks or a
+prefix-cache hit) and single decode tokens, mixed in one batch.
+
+``paged_attention`` is the only entry point the models call, so a native kernel can replace it without touching them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fabrik.model_config import ModelConfig
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where this step's tokens sit in the paged KV cache."""
+
+    slot_mapping: torch.Tensor
+    """(T,) int64: cache slot = block_id * block_size + offset for each new token's K/V."""
+    query_start_loc: tuple[int, ...]
+    """(S+1,) offsets of each sequence's new tokens in the flattened batch (0, ..., T)."""
+    seq_lens: tuple[int, ...]
+    """(S,) KV length of each sequence after this step (tokens already cached + new)."""
+    block_tables: torch.Tensor
+    """(S, max_blocks) int64 block ids of each sequence, padded with 0."""
+    block_size: int
+    """Tokens per KV cache block."""
+
+
+def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int, int]:
+    """Shape of one layer's KV cache tensor: (2, num_blocks, block_size, num_kv_heads, head_dim)."""
+    return (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Stores (T, Hkv, D) keys and values into their cache slots in place."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    # NOTE: view, not reshape: a reshape that copied would silently drop the write.
+    k_slots = kv_cache[0].view(num_blocks * block_size, num_kv_heads, head_dim)  # (slots, Hkv, D)
+    v_slots = kv_cache[1].view(num_blocks * block_size, num_kv_heads, head_dim)  # (slots, Hkv, D)
+    k_slots.index_copy_(0, slot_mapping, k)
+    v_slots.index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Writes the new keys/values into the cache, then attends every new query to its sequence's cached history.
+
+    Args:
+        q: (T, Hq, D) queries of the new tokens, rotary already applied.
+        k: (T, Hkv, D) keys of the new tokens, rotary (and any key norm) already applied.
+        v: (T, Hkv, D) values of the new tokens.
+        kv_cache: (2, num_blocks, block_size, Hkv, D) this layer's cache, updated in place.
+        meta: Where the new tokens go and which blocks each sequence owns.
+        scale: Multiplier of q·k, usually head_dim ** -0.5.
+
+    Returns:
+        (T, Hq, D) attention output, in q's dtype.
+    """
+    write_kv(k, v, kv_cache, meta.slot_mapping)
+    num_seqs = len(meta.seq_lens)
+    if meta.query_start_loc == tuple(range(num_seqs + 1)):
+        # Every sequence has exactly one new token: one batched call over the padded block tables.
+        return _decode_attention(q, kv_cache, meta, scale)
+    out = torch.empty_like(q)  # (T, Hq, D)
+    for i in range(num_seqs):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        out[start:end] = _sequence_attention(q[start:end], kv_cache, meta.block_tables[i], meta.seq_lens[i],
+                                             meta.block_size, scale)
+    return out
+
+
+def _sequence_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+                        block_size: int, scale: float) -> torch.Tensor:
+    """Causal attention of one sequence's (L, Hq, D) new queries over its first ``seq_len`` cached positions."""
+    q_len = q.shape[0]
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks]  # (B,)
+    _, _, _, num_kv_heads, head_dim = kv_cache.shape
+    keys = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # (S, Hkv, D)
+    values = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # (S, Hkv, D)
+    if q_len == seq_len:
+        mask = None  # a whole prompt: plain causal attention
+    else:
+        # New tokens sit at the end: query j is at position seq_len - q_len + j and sees positions 0..that.
+        query_pos = torch.arange(seq_len - q_len, seq_len)  # (L,)
+        mask = torch.arange(seq_len)[None, :] <= query_pos[:, None]  # (L, S) True = attend
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),  # (Hq, L, D)
+        keys.transpose(0, 1),  # (Hkv, S, D)
+        values.transpose(0, 1),  # (Hkv, S, D)
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )  # (Hq, L, D)
+    return out.transpose(0, 1)  # (L, Hq, D)
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+    """Attention of one (S, Hq, D) query per sequence over the whole cached history, batched."""
+    num_seqs = q.shape[0]
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int64)  # (S,)
+    max_blocks = -(-max(meta.seq_lens) // block_size)
+    blocks = meta.block_tables[:, :max_blocks]  # (S, B)
+    keys = kv_cache[0, blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)  # (S, P, Hkv, D), P = B * block_size
+    values = kv_cache[1, blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)  # (S, P, Hkv, D)
+    valid = torch.arange(keys.shape[1])[None, :] < seq_lens[:, None]  # (S, P)
+    # NOTE: padding slots may hold anything, even NaN from an uninitialised cache, and a masked NaN still poisons
+    # softmax(QK)V (0 * NaN = NaN), so they are zeroed as well as masked.
+    keys.masked_fill_(~valid[:, :, None, None], 0)
+    values.masked_fill_(~valid[:, :, None, None], 0)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :],  # (S, Hq, 1, D)
+        keys.transpose(1, 2),  # (S, Hkv, P, D)
+        values.transpose(1, 2),  # (S, Hkv, P, D)
+        attn_mask=valid[:, None, None, :],  # (S, 1, 1, P)
+        scale=scale,
+        enable_gqa=True,
+    )  # (S, Hq, 1, D)
+    return out[:, :, 0, :]  # (S, Hq, D)

@@ -1,0 +1,89 @@
+"""Log-probabilities of chosen tokens and their most likely alternatives.
+
+Used for generated tokens (the logits are the raw model logits, before any sampling processing, like vLLM) and for
+prompt logprobs (the model runner passes the logits of prompt positions and the next prompt tokens as ``chosen``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one chosen token and the most likely alternatives at its position."""
+
+    token_id: int
+    """The chosen token."""
+    logprob: float
+    """Its log-probability under the raw logits."""
+    rank: int
+    """Its rank among all tokens, 1 = most likely; ties are broken by token id, lowest first."""
+    top: tuple[tuple[int, float], ...]
+    """The k most likely (token_id, logprob), most likely first, ties by token id."""
+
+
+def compute_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: Sequence[int]) -> list[TokenLogprob]:
+    """Computes the log-probability, rank and top-k alternatives of one chosen token per row.
+
+    Args:
+        logits: (N, V) logits; log_softmax is taken over V in float32.
+        chosen: (N,) int64 token id chosen at each row.
+        k: number of top alternatives to return for each row (>= 0; more than V returns all V).
+
+    Returns:
+        One TokenLogprob per row.
+
+    Raises:
+        ValueError: the shapes do not agree, or a k is negative.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
+    num_rows, vocab_size = logits.shape
+    if chosen.shape != (num_rows,):
+        raise ValueError(f"chosen must have shape ({num_rows},), got {tuple(chosen.shape)}")
+    if len(k) != num_rows:
+        raise ValueError(f"k must have one entry per row ({num_rows}), got {len(k)}")
+    if any(row_k < 0 for row_k in k):
+        raise ValueError(f"k must be >= 0 for every row, got {list(k)}")
+    if num_rows == 0:
+        return []
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    chosen = chosen.to(device=logprobs.device, dtype=torch.long)
+    chosen_logprobs = logprobs.gather(1, chosen[:, None])  # (N, 1)
+    token_ids = torch.arange(vocab_size, device=logprobs.device)  # (V,)
+    # Tokens ranked ahead of the chosen one: strictly more likely, or as likely with a lower id.
+    ahead = (logprobs > chosen_logprobs) | ((logprobs == chosen_logprobs) & (token_ids[None, :] < chosen[:, None]))
+    ranks = ahead.sum(dim=1) + 1  # (N,)
+
+    chosen_list = chosen.tolist()
+    chosen_logprob_list = chosen_logprobs[:, 0].tolist()
+    rank_list = ranks.tolist()
+    results = []
+    for row in range(num_rows):
+        results.append(
+            TokenLogprob(
+                token_id=chosen_list[row],
+                logprob=chosen_logprob_list[row],
+                rank=rank_list[row],
+                top=_top_k(logprobs[row], min(k[row], vocab_size)),
+            )
+        )
+    return results
+
+
+def _top_k(row: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    """The k largest entries of a (V,) row as (id, value), largest first, ties by lowest id."""
+    if k == 0:
+        return ()
+    # NOTE: torch.topk does not order ties; take every entry tied with the k-th value, then sort those stably
+    # (nonzero returns ids in increasing order) so equal values keep the lowest ids first.
+    threshold = torch.topk(row, k).values[-1]
+    candidates = torch.nonzero(row >= threshold)[:, 0]  # (C,), C >= k
+    order = torch.sort(row[candidates], descending=True, stable=True).indices[:k]
+    ids = candidates[order]
+    return tuple(zip(ids.tolist(), row[ids].tolist()))
