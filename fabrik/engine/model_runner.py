@@ -1,0 +1,131 @@
+"""The model runner: owns the model and the KV cache tensors, runs one scheduled step.
+
+``execute`` turns a ``SchedulerOutput`` into one flat batch::
+
+    chunks:        a: 5 prompt tokens (start 0)   b: 1 decode token (start 9)   c: chunk of 3 (start 16)
+    input_ids:     [a0 a1 a2 a3 a4 | b9 | c16 c17 c18]                                   (T,)
+    positions:     [ 0  1  2  3  4 |  9 |  16  17  18]                                   (T,)
+    slot_mapping:  block_ids[p // block_size] * block_size + p % block_size              (T,)
+    seq_lens:      (5, 10, 19)    query_start_loc: (0, 5, 6, 9)
+
+then runs the model over the paged cache, computes logits only where they are needed
+(the last token of chunks that sample, and prompt positions when prompt logprobs are
+asked for) and samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from fabrik.core.request import Request
+from fabrik.core.scheduler import SchedulerOutput
+from fabrik.loader import load_model
+from fabrik.model_config import ModelConfig
+from fabrik.models.attention import AttentionMetadata
+from fabrik.sampling.logprobs import TokenLogprob, compute_logprobs
+from fabrik.sampling.sampler import Sampler, SamplingRow
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of K and V one token takes across all layers."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """What one step produced, keyed by request id."""
+
+    sampled: dict[str, int]
+    logprobs: dict[str, TokenLogprob]
+    prompt_logprobs: dict[str, list[TokenLogprob]]
+    """Logprobs of the prompt tokens this step's chunk predicted (positions 1.. of the prompt)."""
+
+
+class ModelRunner:
+    """Runs the model on the CPU with the torch reference kernels."""
+
+    def __init__(self, model_path: Path, config: ModelConfig, dtype: torch.dtype,
+                 num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.block_size = block_size
+        self.model = load_model(model_path, config, dtype)
+        shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        # Zeroed, not empty: padded attention reads must never meet NaN garbage.
+        self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.sampler = Sampler(eos_token_ids)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, requests: Mapping[str, Request],
+                generators: Mapping[str, torch.Generator | None]) -> ModelRunnerOutput:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        sample_idx: list[int] = []
+        sample_ids: list[str] = []
+        plp_idx: list[int] = []           # flat indices whose logits predict a prompt token
+        plp_target: list[int] = []
+        plp_owner: list[str] = []
+        max_blocks = max(len(c.block_ids) for c in out.chunks)
+        block_tables = torch.zeros((len(out.chunks), max_blocks), dtype=torch.int64)
+        for row, chunk in enumerate(out.chunks):
+            request = requests[chunk.request_id]
+            start, n = chunk.start_position, len(chunk.token_ids)
+            offset = len(input_ids)
+            input_ids.extend(chunk.token_ids)
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in pos)
+            query_start_loc.append(offset + n)
+            seq_lens.append(start + n)
+            block_tables[row, :len(chunk.block_ids)] = torch.tensor(chunk.block_ids, dtype=torch.int64)
+            if chunk.sample:
+                sample_idx.append(offset + n - 1)
+                sample_ids.append(chunk.request_id)
+            if request.sampling_params.prompt_logprobs is not None:
+                last_prompt_pos = request.num_prompt_tokens - 1
+                for j, p in enumerate(pos):
+                    if p < last_prompt_pos:
+                        plp_idx.append(offset + j)
+                        plp_target.append(request.prompt_token_ids[p + 1])
+                        plp_owner.append(chunk.request_id)
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_start_loc=tuple(query_start_loc),
+            seq_lens=tuple(seq_lens),
+            block_tables=block_tables,
+            block_size=bs,
+        )
+        hidden = self.model(torch.tensor(input_ids, dtype=torch.int64),
+                            torch.tensor(positions, dtype=torch.int64), self.kv_caches, meta)  # (T, H)
+
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprob] = {}
+        if sample_idx:
+            logits = self.model.compute_logits(hidden[sample_idx])  # (S, V) float32
+            rows = [SamplingRow(params=requests[rid].sampling_params, generator=generators.get(rid),
+                                prompt_token_ids=requests[rid].prompt_token_ids,
+                                output_token_ids=requests[rid].output_token_ids) for rid in sample_ids]
+            result = self.sampler(logits, rows)
+            for rid, token, lp in zip(sample_ids, result.token_ids, result.logprobs):
+                sampled[rid] = token
+                if lp is not None:
+                    logprobs[rid] = lp
+
+        prompt_logprobs: dict[str, list[TokenLogprob]] = {}
+        if plp_idx:
+            logits = self.model.compute_logits(hidden[plp_idx])  # (P, V) float32
+            ks = [requests[rid].sampling_params.prompt_logprobs for rid in plp_owner]
+            lps = compute_logprobs(logits, torch.tensor(plp_target, dtype=torch.int64), ks)
+            for rid, lp in zip(plp_owner, lps):
+                prompt_logprobs.setdefault(rid, []).append(lp)
+        return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
