@@ -17,7 +17,11 @@ QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28
 
 # Runs in a fresh interpreter so that its peak RSS is the engine's own.
 _ENGINE_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
+def peak_rss_mib():
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 t0 = time.perf_counter()
 from fabrik import LLM, SamplingParams
 llm = LLM(sys.argv[1], dtype="bfloat16", kv_cache_memory_bytes=256 * 2**20)
@@ -27,7 +31,7 @@ out = llm.generate(["The capital of France is"], params)[0]
 t2 = time.perf_counter()
 print(json.dumps({"token_ids": out.outputs[0].token_ids, "prompt_token_ids": out.prompt_token_ids,
                   "load_s": t1 - t0, "generate_s": t2 - t1,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": peak_rss_mib()}))
 """
 
 
