@@ -68,6 +68,8 @@ class ModelConfig:
     """Whether the MLP projections have a bias (llama only)."""
     torch_dtype: str
     """Dtype the weights were saved in, e.g. "bfloat16"."""
+    script: tuple[int, ...] | None = None
+    """Token ids the ``fabrik_scripted`` test model writes (config.json "script"); None for real models."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -111,6 +113,7 @@ class ModelConfig:
             mlp_bias=bool(raw.get("mlp_bias", False)),
             # NOTE: transformers >= 5 writes "dtype", older versions "torch_dtype".
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            script=tuple(raw["script"]) if isinstance(raw.get("script"), list) else None,
         )
         config.validate()
         return config

@@ -138,3 +138,52 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def write_config(path: str | Path, raw: dict[str, Any]) -> None:
     """Overwrites the config.json of a checkpoint folder."""
     (Path(path) / "config.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
+
+
+SCRIPTED_LOGIT_SCALE = 30.0
+"""Logit of the scripted token (every other id gets 0): sampling at temperature 1 still picks it."""
+
+
+def make_scripted_checkpoint(path: str | Path, script: list[int], eos_token_id: int,
+                             with_tokenizer: bool = True) -> Path:
+    """Writes a ``fabrik_scripted`` checkpoint: a model that emits ``script`` then ``eos_token_id`` from any prompt.
+
+    See ``fabrik/models/scripted.py``. config.json's "script" is ``script + [eos_token_id]``, so generation stops
+    right after the scripted tokens.
+
+    Args:
+        path: Folder to create (may exist).
+        script: Token ids to emit, without the eos.
+        eos_token_id: The end-of-sequence id written after the script (also the checkpoint's eos).
+        with_tokenizer: Also copy the Qwen3 tokenizer files; the vocabulary is then Qwen3's 151936 ids, else 512.
+
+    Returns:
+        The folder.
+    """
+    from safetensors.torch import save_file
+
+    vocab_size = QWEN3_VOCAB_SIZE if with_tokenizer else 512
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dict(
+        model_type="fabrik_scripted",
+        vocab_size=vocab_size,
+        hidden_size=8,
+        intermediate_size=1,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+        eos_token_id=eos_token_id,
+        script=[*script, eos_token_id],
+    )
+    write_config(folder, config)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_id}), encoding="utf-8")
+    save_file({"logit_scale": torch.tensor([SCRIPTED_LOGIT_SCALE])}, str(folder / "model.safetensors"))
+    if with_tokenizer:
+        for name in _TOKENIZER_FILES:
+            shutil.copy(tokenizer_dir() / name, folder / name)
+    return folder

@@ -6,11 +6,13 @@ from fabrik.models.decoder import DecoderForCausalLM
 from fabrik.models.llama import LlamaForCausalLM
 from fabrik.models.qwen2 import Qwen2ForCausalLM
 from fabrik.models.qwen3 import Qwen3ForCausalLM
+from fabrik.models.scripted import ScriptedForCausalLM
 
 MODEL_CLASSES: dict[str, type[DecoderForCausalLM]] = {
     "llama": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "fabrik_scripted": ScriptedForCausalLM,
 }
 
 

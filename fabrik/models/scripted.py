@@ -73,9 +73,10 @@ class ScriptedForCausalLM(nn.Module):
         script = config.script
         if not script:
             raise ValueError("a fabrik_scripted config.json needs a non-empty 'script' list of token ids")
-        bad = [t for t in script if not 0 <= t < config.vocab_size]
+        bad = [t for t in script
+               if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < config.vocab_size]
         if bad:
-            raise ValueError(f"script ids {bad[:5]} are outside the vocabulary (vocab_size {config.vocab_size})")
+            raise ValueError(f"script entries {bad[:5]} are not token ids below vocab_size ({config.vocab_size})")
         for name, want in (("hidden_size", NUM_DIGITS), ("head_dim", NUM_DIGITS), ("num_key_value_heads", 1)):
             if getattr(config, name) != want:
                 raise ValueError(f"fabrik_scripted {name} ({getattr(config, name)}) must be {want}")
