@@ -61,6 +61,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fabrik.bench.cli import add_bench_parser
+
     parser = argparse.ArgumentParser(prog="fabrik", description="LLM inference engine and OpenAI-compatible server")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve.set_defaults(func=lambda _args, _exc=exc: _missing_server(_exc))
     else:
         add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
