@@ -214,3 +214,13 @@ def test_bad_requests_raise_value_errors(qwen3_ckpt):
     # The engine still serves after refusing.
     assert len(token_ids(llm.generate([{"prompt_token_ids": [1, 2]}], greedy(3)))[0]) == 3
     assert not llm.engine.has_unfinished() and llm.engine.block_manager.usage == 0.0
+
+
+def test_unbounded_max_tokens_fits_the_kv_cache(qwen3_ckpt):
+    # 4 blocks of 16 tokens, but a 512-token context: max_tokens=None must stop at the cache, not be refused.
+    llm = LLM(str(qwen3_ckpt), dtype="float32", kv_cache_memory_bytes=4 * 8192, block_size=16)
+    (out,) = llm.generate([{"prompt_token_ids": [1, 2, 3]}],
+                          SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 64 - 3 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], greedy(100))

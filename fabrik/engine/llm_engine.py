@@ -115,8 +115,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = self.encode_prompt(prompt)
         self._validate(prompt_ids, params)
-        room = self.max_model_len - len(prompt_ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if params.max_tokens is None:
+            # Unbounded: as far as the context and the whole KV cache allow.
+            max_tokens = min(self.max_model_len, self.num_blocks * self.config.block_size) - len(prompt_ids)
+        else:
+            max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
         stopping = StoppingCriteria(
             max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens),
             eos_token_ids=self.eos_token_ids, stop_token_ids=frozenset(params.stop_token_ids or ()),
@@ -155,7 +158,7 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         params.check_token_ids(vocab)
-        max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
+        max_tokens = params.max_tokens or 1
         total = min(len(prompt_ids) + max_tokens, self.max_model_len)
         if self.block_manager.blocks_needed(total) > self.num_blocks:
             raise ValueError(f"a sequence of {total} tokens needs {self.block_manager.blocks_needed(total)} KV "
