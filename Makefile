@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?=
 
-.PHONY: install test test-fast run bench clean
+.PHONY: install test test-fast run clean
 
 # The stamp is rebuilt when the project's dependencies change.
 $(VENV)/.installed: pyproject.toml
