@@ -226,3 +226,30 @@ def load_eos_token_ids(path: str | Path) -> tuple[int, ...]:
             raise ValueError(f"eos_token_id ({eos!r}) in {file} must be an int or a list of ints")
         return ids
     return ()
+
+
+_SAMPLING_DEFAULT_KEYS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+                          "repetition_penalty": float}
+
+
+def load_sampling_defaults(path: str | Path) -> dict[str, float | int]:
+    """The sampling parameters the model's authors recommend, from ``generation_config.json`` (as vLLM reads them).
+
+    Requests that leave a parameter out get this value instead of the API's own default.
+
+    Args:
+        path: The model folder.
+
+    Returns:
+        Some of temperature, top_p, top_k, min_p, repetition_penalty; empty without the file.
+    """
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    raw = _read_json(file)
+    defaults: dict[str, float | int] = {}
+    for key, kind in _SAMPLING_DEFAULT_KEYS.items():
+        value = raw.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            defaults[key] = kind(value)
+    return defaults

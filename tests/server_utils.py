@@ -39,13 +39,13 @@ class ServerProcess:
     """One ``fabrik serve MODEL ARGS...`` subprocess.
 
     Args:
-        model: The model folder.
+        model: The model folder (None: serve the default demo model).
         args: Extra command-line arguments.
         api_key: Passed as --api-key (None: no key).
     """
 
-    def __init__(self, model: str | Path, *args: str, api_key: str | None = API_KEY) -> None:
-        self.model = str(model)
+    def __init__(self, model: str | Path | None, *args: str, api_key: str | None = API_KEY) -> None:
+        self.model = None if model is None else str(model)
         self.port = free_port()
         self.api_key = api_key
         self.args = [*args, *(("--api-key", api_key) if api_key else ())]
@@ -55,7 +55,8 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> ServerProcess:
-        command = [*_fabrik_command(), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+        model = [] if self.model is None else [self.model]  # None: the server's default (demo) model
+        command = [*_fabrik_command(), "serve", *model, "--host", "127.0.0.1", "--port", str(self.port),
                    *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("FABRIK_API_KEY", None)

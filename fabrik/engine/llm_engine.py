@@ -26,7 +26,7 @@ from fabrik.core.request import Request, RequestStatus, StoppingCriteria
 from fabrik.core.scheduler import Scheduler
 from fabrik.engine.model_runner import ModelRunner, kv_bytes_per_token
 from fabrik.loader import resolve_dtype, resolve_model_path
-from fabrik.model_config import load_eos_token_ids, load_model_config
+from fabrik.model_config import load_eos_token_ids, load_model_config, load_sampling_defaults
 from fabrik.outputs import SequenceUpdate
 from fabrik.sampling.logprobs import TokenLogprob
 from fabrik.sampling.params import SamplingParams
@@ -68,6 +68,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and not eos:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.sampling_defaults = load_sampling_defaults(path)
+        """Recommended sampling values from generation_config.json, for requests that leave them out."""
 
         max_len = self.model_config.max_position_embeddings
         if config.max_model_len is not None:

@@ -87,10 +87,13 @@ class LLM:
                             "prompt": text})
         return self.generate(prompts, sampling_params)
 
-    @staticmethod
-    def _params_for(n: int, sampling_params) -> list[SamplingParams]:
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's recommended values from generation_config.json."""
+        return SamplingParams(**self.engine.sampling_defaults)
+
+    def _params_for(self, n: int, sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * n
+            return [self.default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
         if len(sampling_params) != n:

@@ -138,7 +138,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(config.served_model_name)
     client = EngineClient(engine, metrics, config.max_waiting_requests)
     ctx = ServerContext(config=config, model=model_info(engine, config.served_model_name),
-                        tokenizer=engine.tokenizer, client=client, reasoning=uses_reasoning(engine))
+                        tokenizer=engine.tokenizer, client=client, reasoning=uses_reasoning(engine),
+                        sampling_defaults=dict(engine.sampling_defaults))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -27,7 +27,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "serve", help="serve the OpenAI-compatible HTTP API",
         description="Serve MODEL over an OpenAI-compatible HTTP API (point any OpenAI client at "
                     "http://HOST:PORT/v1).")
-    serve.add_argument("model", nargs="?", default=None, help="Hugging Face model folder or hub id")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="Hugging Face model folder or hub id (default: the small demo model shipped with fabrik)")
     serve.add_argument("--host", default=_DEFAULTS.host,
                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
     serve.add_argument("--port", type=int, default=_DEFAULTS.port)
@@ -70,9 +71,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
 def serve_main(args: argparse.Namespace) -> int:
     """Run the server until interrupted; returns the exit status."""
     if args.model is None:
-        print("error: fabrik serve needs a model: fabrik serve MODEL (a Hugging Face model folder or hub id), "
-              "e.g. `make run MODEL=Qwen/Qwen3-0.6B`", file=sys.stderr)
-        return 2
+        from fabrik.demo_model import DEMO_MODEL_NAME, default_model_path
+
+        args.model = str(default_model_path())
+        args.served_model_name = args.served_model_name or DEMO_MODEL_NAME
     import uvicorn
 
     from fabrik.engine.llm_engine import LLMEngine

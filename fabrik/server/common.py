@@ -7,7 +7,7 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -38,6 +38,8 @@ class ServerContext:
     client: EngineClient
     reasoning: bool
     """The chat template knows ``<think>`` (Qwen3 style): split reasoning from content."""
+    sampling_defaults: dict = field(default_factory=dict)
+    """The model's recommended sampling values (generation_config.json) for parameters a request leaves out."""
 
     def check_model(self, requested: str | None) -> None:
         """404 unless ``requested`` is the served model (or omitted)."""
@@ -102,19 +104,27 @@ def sampling_params(ctx: ServerContext, req: SamplingRequest, *, max_tokens: int
         if not 0 <= token_id < ctx.model.vocab_size:
             raise bad_request(f"stop_token_ids contains {token_id}, outside the vocabulary [0, "
                               f"{ctx.model.vocab_size})", "stop_token_ids")
+    defaults = ctx.sampling_defaults
     try:
         return SamplingParams(
-            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty or 0.0,
+            n=req.n, temperature=_or_default(req.temperature, defaults, "temperature", 1.0),
+            top_p=_or_default(req.top_p, defaults, "top_p", 1.0), top_k=_or_default(req.top_k, defaults, "top_k", 0),
+            min_p=_or_default(req.min_p, defaults, "min_p", 0.0), presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=_or_default(req.repetition_penalty, defaults, "repetition_penalty", 1.0),
             seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids, max_tokens=max_tokens,
             min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             logit_bias=logit_bias, skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output)
     except ValueError as exc:
         raise from_value_error(exc) from None
+
+
+def _or_default(value, defaults: dict, name: str, api_default):
+    """The request's value; else the model's recommended one (generation_config.json); else the API default."""
+    if value is not None:
+        return value
+    return defaults.get(name, api_default)
 
 
 def _logit_bias(ctx: ServerContext, bias: dict[str, float] | None) -> dict[int, float] | None:
