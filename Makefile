@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned to the CPU wheel: an unpinned torch would pull several GB of CUDA.
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e ".[server,test]"
+	# Native CPU kernels, compiled for this machine; without a compiler the engine falls back to torch's kernels.
+	$(PY) -m fabrik.kernels.build || echo "native kernels not built: the torch kernels will be used"
 	touch $@
 
 install: $(VENV)/.installed

@@ -29,7 +29,7 @@ t1 = time.perf_counter()
 params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 out = llm.generate(["The capital of France is"], params)[0]
 t2 = time.perf_counter()
-print(json.dumps({"token_ids": out.outputs[0].token_ids, "prompt_token_ids": out.prompt_token_ids,
+print(json.dumps({"token_ids": out.outputs[0].token_ids, "kernels": llm.engine.runner.kernel_backend, "prompt_token_ids": out.prompt_token_ids,
                   "load_s": t1 - t0, "generate_s": t2 - t1,
                   "peak_rss_mib": peak_rss_mib()}))
 """
@@ -57,7 +57,7 @@ def test_qwen3_0_6b_shape_end_to_end(tmp_path, capsys):
     hf_s = time.perf_counter() - t0
     agree = next((i for i, (a, b) in enumerate(zip(result["token_ids"], ref)) if a != b), 32)
     with capsys.disabled():
-        print(f"\nQwen3-0.6B shape, bf16: load {result['load_s']:.1f} s, 32 tokens in {result['generate_s']:.1f} s "
+        print(f"\nQwen3-0.6B shape, bf16, {result['kernels']} kernels: load {result['load_s']:.1f} s, 32 tokens in {result['generate_s']:.1f} s "
               f"(transformers: {hf_s:.1f} s), peak RSS {result['peak_rss_mib']:.0f} MiB, "
               f"greedy agreement with transformers bf16: {agree}/32 tokens")
     # Weights are 1.19 GB in bf16 and memory-mapped: the engine must not hold them twice.

@@ -92,7 +92,8 @@ class LLMEngine:
 
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(path, self.model_config, self.dtype, num_blocks, config.block_size,
-                                  tuple(sorted(self.eos_token_ids)))
+                                  tuple(sorted(self.eos_token_ids)), kernels=config.kernels,
+                                  quantization=config.quantization)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_model_len=max_len, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -100,8 +101,9 @@ class LLMEngine:
             self.block_manager)
         self._seqs: dict[str, _Sequence] = {}          # core request id -> sequence
         self._children: dict[str, list[str]] = {}      # request id -> core request ids
-        logger.info("engine ready: %s, %s, %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
-                    path, self.dtype, num_blocks, config.block_size, num_blocks * per_block / 2**20, max_len)
+        logger.info("engine ready: %s, %s, weights %s, kernels %s, %d KV blocks of %d tokens (%.1f MiB), "
+                    "max_model_len %d", path, self.dtype, config.quantization or "as loaded",
+                    self.runner.kernel_backend, num_blocks, config.block_size, num_blocks * per_block / 2**20, max_len)
 
     # -- requests --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:

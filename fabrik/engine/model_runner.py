@@ -23,6 +23,7 @@ import torch
 
 from fabrik.core.request import Request
 from fabrik.core.scheduler import SchedulerOutput
+from fabrik.kernels import apply_kernels, select_backend
 from fabrik.loader import load_model
 from fabrik.model_config import ModelConfig
 from fabrik.models.attention import AttentionMetadata
@@ -47,14 +48,22 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    """Runs the model on the CPU with the torch reference kernels."""
+    """Runs the model on the CPU with the selected kernel backend (native or torch reference)."""
 
     def __init__(self, model_path: Path, config: ModelConfig, dtype: torch.dtype,
-                 num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...]) -> None:
+                 num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...],
+                 kernels: str | None = None, quantization: str | None = None) -> None:
         self.config = config
         self.dtype = dtype
         self.block_size = block_size
         self.model = load_model(model_path, config, dtype)
+        # NOTE: the native kernels compute with bf16 (or int8) weights: a float32 model stays on torch's
+        # kernels unless quantization is asked for, so float32 keeps its exact parity with transformers.
+        self.kernel_backend = "torch"
+        if dtype == torch.bfloat16 or quantization is not None:
+            backend = select_backend(kernels)
+            self.model = apply_kernels(self.model, backend, quantization)
+            self.kernel_backend = backend.name
         shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         # Zeroed, not empty: padded attention reads must never meet NaN garbage.
         self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]

@@ -18,6 +18,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 4GiB or 512MB")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantization", default=None, choices=["int8"],
+                        help="quantize the weights at load (int8: groups of 32, native kernels)")
+    parser.add_argument("--kernels", default=None,
+                        choices=["auto", "native", "native-avx512", "native-avx2", "torch"],
+                        help="kernel backend (default: $FABRIK_KERNELS, else auto)")
 
 
 def engine_config_from_args(model: str, args: argparse.Namespace):
@@ -28,7 +33,8 @@ def engine_config_from_args(model: str, args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
-        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, quantization=args.quantization,
+        kernels=args.kernels)
 
 
 def _generate(args: argparse.Namespace) -> int:

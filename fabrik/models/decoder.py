@@ -112,6 +112,8 @@ class DecoderForCausalLM(nn.Module):
         self.model = DecoderModel(config, options)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
+        self.lm_head_kernel: nn.Module | None = None
+        """Set by ``fabrik.kernels.apply_kernels``: a packed LM head that replaces the projection in compute_logits."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -130,5 +132,7 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Projects (N, hidden) hidden states to (N, vocab) float32 logits."""
+        if self.lm_head_kernel is not None:
+            return self.lm_head_kernel(hidden)  # (N, vocab) float32
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (vocab, hidden)
         return F.linear(hidden, weight).float()  # (N, vocab)

@@ -1,0 +1,484 @@
+/* Native linear layers (y = x W^T + b) for bf16 and int8 weights on x86-64 CPUs.
+ *
+ * Plain C, no torch headers: Python loads the shared library with ctypes (fabrik/kernels/native.py).
+ * Each kernel exists in an AVX-512 (BF16 + VNNI) and an AVX2 + FMA variant, both compiled into the same library
+ * with per-function target attributes; Python picks one from the CPU flags.
+ *
+ * Weight layouts (built by fabrik/kernels/linear.py; N rows padded to a multiple of 16, see docs/kernels.md):
+ *
+ *   bf16: blocks of 16 rows; inside a block, K pairs:   [p][row 0..15][2 x bf16]   (64 bytes per pair p)
+ *         one 64-byte load feeds `vdpbf16ps` for 16 rows; a block is K * 32 bytes, read front to back.
+ *
+ *   int8: blocks of 16 rows; inside a block, units of 64 K values (two groups of 32), each 1088 bytes:
+ *         8 x ([group 0: row 0..15 x 4 uint8] [group 1: same]) [fp16 scale of rows 0..15 for group 0, then group 1]
+ *         (the two groups interleave line by line so that the kernel's two accumulator chains read one stream)
+ *         weights are stored as q + 128 (uint8) so that `vpdpbusd` (unsigned x signed) takes them as its unsigned
+ *         side; the +128 is removed with 128 * sum(x_q) of the group, which depends on x only.
+ *
+ * Threads split the blocks into contiguous ranges, so each thread reads one sequential stream; each loaded weight
+ * block is used for up to MT rows of x before moving on (the block stays in L1/L2 for the next MT rows).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 16         /* rows per weight block */
+#define GROUP 32        /* int8 quantization group along K */
+#define UNIT_K 64       /* K values per int8 unit (two groups) */
+#define UNIT_BYTES 1088 /* 64 K x 16 rows + 2 x 16 fp16 scales */
+
+#define PREFETCH_LINES 16 /* software prefetch distance of the batched tiles, in 64-byte lines */
+
+#define ISA_AVX512 1
+#define ISA_AVX2 2
+
+/* One packed linear layer; Python fills it once (a ctypes Structure) and passes its address on every call. */
+typedef struct {
+    const void *weight; /* packed blocks */
+    const float *bias;  /* (N,) float32 or NULL */
+    int32_t n;          /* output features */
+    int32_t k;          /* input features */
+    int32_t kp;         /* K padded: to 2 (bf16) or 64 (int8) */
+    int32_t nblocks;    /* ceil(N / 16) */
+    int32_t nthreads;
+    int32_t isa;        /* ISA_AVX512 or ISA_AVX2 */
+} fabrik_linear;
+
+typedef int32_t __attribute__((may_alias)) i32_alias; /* 4 quantized x bytes read as one broadcast value */
+
+/* Flags of a call. */
+#define X_BF16 1   /* x is bf16, else float32 */
+#define OUT_BF16 2 /* out is bf16, else float32 */
+
+int fabrik_abi_version(void) { return 1; }
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load_x(const void *x, int flags, long i) {
+    return (flags & X_BF16) ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* Stores 16 results of one block row range [n0, n0 + valid) of output row m, adding the bias. */
+static inline void store_scalar(const fabrik_linear *L, const float *res, void *out, int flags, int m, int n0) {
+    int valid = L->n - n0 < ROWS ? L->n - n0 : ROWS;
+    for (int r = 0; r < valid; r++) {
+        float v = res[r] + (L->bias ? L->bias[n0 + r] : 0.0f);
+        long idx = (long)m * L->n + n0 + r;
+        if (flags & OUT_BF16)
+            ((uint16_t *)out)[idx] = f32_to_bf16(v);
+        else
+            ((float *)out)[idx] = v;
+    }
+}
+
+static inline void thread_blocks(int nblocks, int *b0, int *b1) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    *b0 = (int)((long)nblocks * t / nt);
+    *b1 = (int)((long)nblocks * (t + 1) / nt);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * bf16, AVX-512 BF16
+ * ------------------------------------------------------------------------------------------------------------- */
+#define ISA512 "avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,fma,f16c"
+#define T512 __attribute__((target(ISA512)))
+#define INLINE512 static inline __attribute__((always_inline, target(ISA512)))
+
+INLINE512 void store16_avx512(const fabrik_linear *L, __m512 acc, void *out, int flags, int m, int n0) {
+    int valid = L->n - n0 < ROWS ? L->n - n0 : ROWS;
+    __mmask16 mask = (__mmask16)((1u << valid) - 1u);
+    if (L->bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, L->bias + n0));
+    long idx = (long)m * L->n + n0;
+    if (flags & OUT_BF16)
+        _mm256_mask_storeu_epi16((uint16_t *)out + idx, mask, (__m256i)_mm512_cvtneps_pbh(acc));
+    else
+        _mm512_mask_storeu_ps((float *)out + idx, mask, acc);
+}
+
+/* MT rows of x (bf16 pairs, stride xs pairs) against one block; fully unrolled over MT by the caller's constant. */
+INLINE512 void bf16_tile_avx512(const fabrik_linear *L, const uint16_t *blk, const uint32_t *xp, int xs, int MT,
+                                void *out, int flags, int m0, int n0) {
+    int P = L->kp / 2;
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
+    for (int p = 0; p < P; p++) {
+        /* Batched tiles are compute-heavy per line: the hardware prefetcher alone falls behind (PERF-NOTES). */
+        _mm_prefetch((const char *)(blk + (long)(p + PREFETCH_LINES) * 32), _MM_HINT_T0);
+        __m512bh w = (__m512bh)_mm512_loadu_si512(blk + (long)p * 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; i++)
+            acc[i] = _mm512_dpbf16_ps(acc[i], w, (__m512bh)_mm512_set1_epi32((int)xp[(long)i * xs + p]));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; i++) store16_avx512(L, acc[i], out, flags, m0 + i, n0);
+}
+
+/* M = 1: four accumulators over p so that the vdpbf16ps latency chain does not bound the rate. */
+INLINE512 void bf16_gemv_avx512(const fabrik_linear *L, const uint16_t *blk, const uint32_t *xp, void *out, int flags,
+                                int n0) {
+    int P = L->kp / 2, p = 0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; p + 4 <= P; p += 4) {
+        const uint16_t *w = blk + (long)p * 32;
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_set1_epi32((int)xp[p]));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + 32), (__m512bh)_mm512_set1_epi32((int)xp[p + 1]));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + 64), (__m512bh)_mm512_set1_epi32((int)xp[p + 2]));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + 96), (__m512bh)_mm512_set1_epi32((int)xp[p + 3]));
+    }
+    for (; p < P; p++)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(blk + (long)p * 32),
+                              (__m512bh)_mm512_set1_epi32((int)xp[p]));
+    store16_avx512(L, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), out, flags, 0, n0);
+}
+
+T512 static void bf16_run_avx512(const fabrik_linear *L, const uint32_t *xp, int M, void *out, int flags) {
+    const uint16_t *W = (const uint16_t *)L->weight;
+    long block_elems = (long)ROWS * L->kp;
+    int xs = L->kp / 2;
+#pragma omp parallel num_threads(L->nthreads)
+    {
+        int b0, b1;
+        thread_blocks(L->nblocks, &b0, &b1);
+        for (int b = b0; b < b1; b++) {
+            const uint16_t *blk = W + b * block_elems;
+            if (M == 1) {
+                bf16_gemv_avx512(L, blk, xp, out, flags, b * ROWS);
+                continue;
+            }
+            for (int m = 0; m < M; m += 8) {
+                const uint32_t *x = xp + (long)m * xs;
+                switch (M - m < 8 ? M - m : 8) {
+                case 1: bf16_tile_avx512(L, blk, x, xs, 1, out, flags, m, b * ROWS); break;
+                case 2: bf16_tile_avx512(L, blk, x, xs, 2, out, flags, m, b * ROWS); break;
+                case 3: bf16_tile_avx512(L, blk, x, xs, 3, out, flags, m, b * ROWS); break;
+                case 4: bf16_tile_avx512(L, blk, x, xs, 4, out, flags, m, b * ROWS); break;
+                case 5: bf16_tile_avx512(L, blk, x, xs, 5, out, flags, m, b * ROWS); break;
+                case 6: bf16_tile_avx512(L, blk, x, xs, 6, out, flags, m, b * ROWS); break;
+                case 7: bf16_tile_avx512(L, blk, x, xs, 7, out, flags, m, b * ROWS); break;
+                default: bf16_tile_avx512(L, blk, x, xs, 8, out, flags, m, b * ROWS); break;
+                }
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * bf16, AVX2 + FMA: the same layout; each 32-bit pair is split into its even (<< 16) and odd (& 0xffff0000) fp32.
+ * ------------------------------------------------------------------------------------------------------------- */
+#define T256 __attribute__((target("avx2,fma,f16c")))
+#define INLINE256 static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+INLINE256 void bf16_tile_avx2(const fabrik_linear *L, const uint16_t *blk, const float *xf, int xs, int MT, void *out,
+                              int flags, int m0, int n0) {
+    int P = L->kp / 2;
+    __m256 lo[4], hi[4];
+    const __m256i odd_mask = _mm256_set1_epi32((int)0xffff0000u);
+#pragma GCC unroll 4
+    for (int i = 0; i < MT; i++) lo[i] = hi[i] = _mm256_setzero_ps();
+    for (int p = 0; p < P; p++) {
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(blk + (long)p * 32));
+        __m256i v1 = _mm256_loadu_si256((const __m256i *)(blk + (long)p * 32 + 16));
+        __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+        __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, odd_mask));
+        __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+        __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, odd_mask));
+#pragma GCC unroll 4
+        for (int i = 0; i < MT; i++) {
+            __m256 xe = _mm256_broadcast_ss(xf + (long)i * xs + 2 * p);
+            __m256 xo = _mm256_broadcast_ss(xf + (long)i * xs + 2 * p + 1);
+            lo[i] = _mm256_fmadd_ps(o0, xo, _mm256_fmadd_ps(e0, xe, lo[i]));
+            hi[i] = _mm256_fmadd_ps(o1, xo, _mm256_fmadd_ps(e1, xe, hi[i]));
+        }
+    }
+    float res[ROWS];
+#pragma GCC unroll 4
+    for (int i = 0; i < MT; i++) {
+        _mm256_storeu_ps(res, lo[i]);
+        _mm256_storeu_ps(res + 8, hi[i]);
+        store_scalar(L, res, out, flags, m0 + i, n0);
+    }
+}
+
+T256 static void bf16_run_avx2(const fabrik_linear *L, const float *xf, int M, void *out, int flags) {
+    const uint16_t *W = (const uint16_t *)L->weight;
+    long block_elems = (long)ROWS * L->kp;
+    int xs = L->kp;
+#pragma omp parallel num_threads(L->nthreads)
+    {
+        int b0, b1;
+        thread_blocks(L->nblocks, &b0, &b1);
+        for (int b = b0; b < b1; b++) {
+            const uint16_t *blk = W + b * block_elems;
+            for (int m = 0; m < M; m += 4) {
+                const float *x = xf + (long)m * xs;
+                switch (M - m < 4 ? M - m : 4) {
+                case 1: bf16_tile_avx2(L, blk, x, xs, 1, out, flags, m, b * ROWS); break;
+                case 2: bf16_tile_avx2(L, blk, x, xs, 2, out, flags, m, b * ROWS); break;
+                case 3: bf16_tile_avx2(L, blk, x, xs, 3, out, flags, m, b * ROWS); break;
+                default: bf16_tile_avx2(L, blk, x, xs, 4, out, flags, m, b * ROWS); break;
+                }
+            }
+        }
+    }
+}
+
+/* y (M, N) = x (M, K) W^T + b for a bf16-packed layer. Returns 0, or -1 if out of memory. */
+int fabrik_linear_bf16(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
+    int K = L->k, Kp = L->kp;
+    if (L->isa == ISA_AVX512 && (flags & X_BF16) && K == Kp) {
+        bf16_run_avx512(L, (const uint32_t *)x, M, out, flags); /* already bf16 pairs: no copy */
+    } else if (L->isa == ISA_AVX512) {
+        uint16_t *xb = (uint16_t *)malloc((size_t)M * Kp * 2);
+        if (!xb) return -1;
+        for (int m = 0; m < M; m++) {
+            uint16_t *row = xb + (long)m * Kp;
+            if (flags & X_BF16)
+                memcpy(row, (const uint16_t *)x + (long)m * K, (size_t)K * 2);
+            else
+                for (int k = 0; k < K; k++) row[k] = f32_to_bf16(((const float *)x)[(long)m * K + k]);
+            for (int k = K; k < Kp; k++) row[k] = 0;
+        }
+        bf16_run_avx512(L, (const uint32_t *)xb, M, out, flags);
+        free(xb);
+    } else {
+        float *xf = (float *)malloc((size_t)M * Kp * 4);
+        if (!xf) return -1;
+        for (int m = 0; m < M; m++) {
+            for (int k = 0; k < K; k++) xf[(long)m * Kp + k] = load_x(x, flags, (long)m * K + k);
+            for (int k = K; k < Kp; k++) xf[(long)m * Kp + k] = 0.0f;
+        }
+        bf16_run_avx2(L, xf, M, out, flags);
+        free(xf);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * int8: activations are quantized per group of 32 (symmetric absmax, like the weights); the integer dot product of
+ * a group is exact, then scaled by w_scale * x_scale in fp32.
+ * ------------------------------------------------------------------------------------------------------------- */
+typedef struct {
+    int8_t *q;     /* (M, Kp) quantized x */
+    float *scale;  /* (M, Kp / 32) */
+    int32_t *corr; /* (M, Kp / 32): 128 * sum of q over the group (removes the +128 of the weights) */
+} quant_x;
+
+/* Quantizes x per group of 32: scale = absmax / 127, q = round-half-even(x * 127 / absmax). */
+static void quantize_x(const void *x, int flags, int M, int K, int Kp, quant_x *qx) {
+    int G = Kp / GROUP;
+    for (int m = 0; m < M; m++) {
+        for (int g = 0; g < G; g++) {
+            float v[GROUP], amax = 0.0f;
+            for (int j = 0; j < GROUP; j++) {
+                int k = g * GROUP + j;
+                v[j] = k < K ? load_x(x, flags, (long)m * K + k) : 0.0f;
+                float a = fabsf(v[j]);
+                amax = a > amax ? a : amax;
+            }
+            int8_t *q = qx->q + (long)m * Kp + g * GROUP;
+            int32_t sum = 0;
+            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int j = 0; j < GROUP; j++) {
+                int qi = (int)nearbyintf(v[j] * inv);
+                q[j] = (int8_t)qi;
+                sum += qi;
+            }
+            qx->scale[(long)m * G + g] = amax / 127.0f;
+            qx->corr[(long)m * G + g] = 128 * sum;
+        }
+    }
+}
+
+INLINE512 void int8_tile_avx512(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
+                                void *out, int flags, int n0) {
+    int S = L->kp / UNIT_K, G = L->kp / GROUP;
+    __m512 facc[6];
+#pragma GCC unroll 6
+    for (int i = 0; i < MT; i++) facc[i] = _mm512_setzero_ps();
+    for (int s = 0; s < S; s++) {
+        const uint8_t *u = blk + (long)s * UNIT_BYTES;
+        __m512i a0[6], a1[6];
+#pragma GCC unroll 6
+        for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            if (MT > 1) {
+                _mm_prefetch((const char *)(u + c * 128 + PREFETCH_LINES * 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(u + c * 128 + PREFETCH_LINES * 64 + 64), _MM_HINT_T0);
+            }
+            __m512i w0 = _mm512_loadu_si512(u + c * 128);
+            __m512i w1 = _mm512_loadu_si512(u + c * 128 + 64);
+#pragma GCC unroll 6
+            for (int i = 0; i < MT; i++) {
+                const i32_alias *xq = (const i32_alias *)(qx->q + (long)(m0 + i) * L->kp + s * UNIT_K);
+                a0[i] = _mm512_dpbusd_epi32(a0[i], w0, _mm512_set1_epi32(xq[c]));
+                a1[i] = _mm512_dpbusd_epi32(a1[i], w1, _mm512_set1_epi32(xq[8 + c]));
+            }
+        }
+        __m512 sc0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u + 1024)));
+        __m512 sc1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u + 1056)));
+#pragma GCC unroll 6
+        for (int i = 0; i < MT; i++) {
+            long gi = (long)(m0 + i) * G + 2 * s;
+            __m512 d0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a0[i], _mm512_set1_epi32(qx->corr[gi])));
+            __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a1[i], _mm512_set1_epi32(qx->corr[gi + 1])));
+            facc[i] = _mm512_fmadd_ps(d0, _mm512_mul_ps(sc0, _mm512_set1_ps(qx->scale[gi])), facc[i]);
+            facc[i] = _mm512_fmadd_ps(d1, _mm512_mul_ps(sc1, _mm512_set1_ps(qx->scale[gi + 1])), facc[i]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < MT; i++) store16_avx512(L, facc[i], out, flags, m0 + i, n0);
+}
+
+T512 static void int8_run_avx512(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {
+    const uint8_t *W = (const uint8_t *)L->weight;
+    long block_bytes = (long)(L->kp / UNIT_K) * UNIT_BYTES;
+#pragma omp parallel num_threads(L->nthreads)
+    {
+        int b0, b1;
+        thread_blocks(L->nblocks, &b0, &b1);
+        for (int b = b0; b < b1; b++) {
+            const uint8_t *blk = W + b * block_bytes;
+            for (int m = 0; m < M; m += 6) {
+                switch (M - m < 6 ? M - m : 6) {
+                case 1: int8_tile_avx512(L, blk, qx, m, 1, out, flags, b * ROWS); break;
+                case 2: int8_tile_avx512(L, blk, qx, m, 2, out, flags, b * ROWS); break;
+                case 3: int8_tile_avx512(L, blk, qx, m, 3, out, flags, b * ROWS); break;
+                case 4: int8_tile_avx512(L, blk, qx, m, 4, out, flags, b * ROWS); break;
+                case 5: int8_tile_avx512(L, blk, qx, m, 5, out, flags, b * ROWS); break;
+                default: int8_tile_avx512(L, blk, qx, m, 6, out, flags, b * ROWS); break;
+                }
+            }
+        }
+    }
+}
+
+/* AVX2: vpmaddwd on zero-extended weights (no VNNI); 4 rows x 4 K per 128-bit piece, pairs summed at group end. */
+INLINE256 __m256i hsum_rows_avx2(__m256i a, __m256i b) { /* (rows 0-3 pairs, rows 4-7 pairs) -> rows 0..7 */
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8);
+}
+
+INLINE256 void int8_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
+                              void *out, int flags, int n0) {
+    int S = L->kp / UNIT_K, G = L->kp / GROUP;
+    __m256 lo[2], hi[2];
+#pragma GCC unroll 2
+    for (int i = 0; i < MT; i++) lo[i] = hi[i] = _mm256_setzero_ps();
+    for (int s = 0; s < S; s++) {
+        const uint8_t *u = blk + (long)s * UNIT_BYTES;
+        for (int g = 0; g < 2; g++) {
+            __m256i acc[2][4];
+#pragma GCC unroll 2
+            for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                const uint8_t *w = u + c * 128 + g * 64;
+                __m256i w16[4];
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++)
+                    w16[j] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * j)));
+#pragma GCC unroll 2
+                for (int i = 0; i < MT; i++) {
+                    const int8_t *xq = qx->q + (long)(m0 + i) * L->kp + s * UNIT_K + g * GROUP + c * 4;
+                    __m256i xv = _mm256_set_epi16(xq[3], xq[2], xq[1], xq[0], xq[3], xq[2], xq[1], xq[0], xq[3],
+                                                  xq[2], xq[1], xq[0], xq[3], xq[2], xq[1], xq[0]);
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w16[j], xv));
+                }
+            }
+            __m256 sc_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + 1024 + g * 32)));
+            __m256 sc_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + 1024 + g * 32 + 16)));
+#pragma GCC unroll 2
+            for (int i = 0; i < MT; i++) {
+                long gi = (long)(m0 + i) * G + 2 * s + g;
+                __m256i corr = _mm256_set1_epi32(qx->corr[gi]);
+                __m256 xs = _mm256_set1_ps(qx->scale[gi]);
+                __m256 d_lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][0], acc[i][1]), corr));
+                __m256 d_hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][2], acc[i][3]), corr));
+                lo[i] = _mm256_fmadd_ps(d_lo, _mm256_mul_ps(sc_lo, xs), lo[i]);
+                hi[i] = _mm256_fmadd_ps(d_hi, _mm256_mul_ps(sc_hi, xs), hi[i]);
+            }
+        }
+    }
+    float res[ROWS];
+#pragma GCC unroll 2
+    for (int i = 0; i < MT; i++) {
+        _mm256_storeu_ps(res, lo[i]);
+        _mm256_storeu_ps(res + 8, hi[i]);
+        store_scalar(L, res, out, flags, m0 + i, n0);
+    }
+}
+
+T256 static void int8_run_avx2(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {
+    const uint8_t *W = (const uint8_t *)L->weight;
+    long block_bytes = (long)(L->kp / UNIT_K) * UNIT_BYTES;
+#pragma omp parallel num_threads(L->nthreads)
+    {
+        int b0, b1;
+        thread_blocks(L->nblocks, &b0, &b1);
+        for (int b = b0; b < b1; b++) {
+            const uint8_t *blk = W + b * block_bytes;
+            for (int m = 0; m < M; m += 2) {
+                if (M - m == 1)
+                    int8_tile_avx2(L, blk, qx, m, 1, out, flags, b * ROWS);
+                else
+                    int8_tile_avx2(L, blk, qx, m, 2, out, flags, b * ROWS);
+            }
+        }
+    }
+}
+
+/* y (M, N) = quant(x) (M, K) W^T + b for an int8-packed layer. Returns 0, or -1 if out of memory. */
+int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
+    int Kp = L->kp, G = Kp / GROUP;
+    quant_x qx;
+    qx.q = (int8_t *)malloc((size_t)M * Kp);
+    qx.scale = (float *)malloc((size_t)M * G * 4);
+    qx.corr = (int32_t *)malloc((size_t)M * G * 4);
+    int rc = 0;
+    if (!qx.q || !qx.scale || !qx.corr) {
+        rc = -1;
+    } else {
+        quantize_x(x, flags, M, L->k, Kp, &qx);
+        if (L->isa == ISA_AVX512)
+            int8_run_avx512(L, &qx, M, out, flags);
+        else
+            int8_run_avx2(L, &qx, M, out, flags);
+    }
+    free(qx.q);
+    free(qx.scale);
+    free(qx.corr);
+    return rc;
+}
+
+/* Reads n bytes with `nthreads` threads, each one contiguous range (the bandwidth reference of bench/kernels.py). */
+uint64_t fabrik_stream_read(const void *data, long n, int nthreads) {
+    uint64_t total = 0;
+    const uint64_t *p = (const uint64_t *)data;
+    long words = n / 8;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long w0 = words * t / nt, w1 = words * (t + 1) / nt;
+        uint64_t sum = 0;
+        for (long w = w0; w < w1; w++) sum += p[w];
+        total += sum;
+    }
+    return total;
+}

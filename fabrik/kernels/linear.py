@@ -1,0 +1,216 @@
+"""Linear layers on packed weights: the bf16 and int8 layouts, int8 quantization, and the modules that call the
+native kernels (see csrc/linear.c and docs/kernels.md).
+
+Layouts (N output rows padded to a multiple of 16 with zero rows; the kernels never write the padded outputs)::
+
+    bf16, (N/16, K/2, 16, 2):  block b = rows 16b..16b+15; for each K pair p, 16 rows x (w[2p], w[2p+1])
+                               -> one 64-byte line per pair; K is padded to even.
+
+    int8, (N/16, K/64, 1088):  block b, unit s = K values 64s..64s+63 = two groups of 32:
+        bytes 128c..128c+63    group 0, K 4c..4c+3 of rows 0..15 as uint8 (q + 128), c = 0..7
+        bytes 128c+64..128c+127  group 1, K 32+4c..32+4c+3 of rows 0..15
+        bytes 1024..1055  fp16 scale of rows 0..15 for group 0
+        bytes 1056..1087  fp16 scale of rows 0..15 for group 1
+                               K is padded to a multiple of 64 with zeros (q = 0).
+
+Quantization (``quantize_int8``): symmetric per row and group of 32 along K, scale = fp16(absmax / 127),
+q = clamp(round(w / scale), -127, 127). The kernels quantize activations the same way (per group of 32, fp32
+scale) and compute each group's dot product exactly in int32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fabrik.kernels.native import (ISA_AVX2, ISA_AVX512, OUT_BF16, X_BF16, LinearDescriptor, NativeLibrary)
+
+ROWS = 16
+"""Weight rows per block: one 64-byte line holds 16 rows' bf16 pair or 4 int8 values."""
+GROUP = 32
+"""int8 quantization group along K (weights and activations)."""
+UNIT_K = 64
+"""K values per int8 unit: two groups, whose 16-row scales fill one 64-byte line."""
+UNIT_BYTES = 2 * GROUP * ROWS + 2 * ROWS * 2
+"""Bytes of one int8 unit: 1024 of weights + 64 of fp16 scales."""
+_QUANT_ROWS = 8192
+"""Rows quantized at a time, so that a 151,936-row LM head does not need several fp32 copies at once."""
+
+FORMATS = ("bf16", "int8")
+_X_FLAGS = {torch.bfloat16: X_BF16, torch.float32: 0}
+_OUT_FLAGS = {torch.bfloat16: OUT_BF16, torch.float32: 0}
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """Repacks an (N, K) weight into bf16 blocks of 16 rows with adjacent K pairs: (ceil(N/16), ceil(K/2), 16, 2)."""
+    n, k = weight.shape
+    n_pad, k_pad = _round_up(n, ROWS), _round_up(k, 2)
+    w = weight.detach().to(torch.bfloat16)
+    if (n_pad, k_pad) != (n, k):
+        w = F.pad(w, (0, k_pad - k, 0, n_pad - n))
+    return w.view(n_pad // ROWS, ROWS, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()  # (Nb, Kp/2, 16, 2)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes an (N, K) weight per row and group of 32 along K (K zero-padded to a multiple of 64).
+
+    Returns:
+        (q, scale): q (N, Kp) int8 in [-127, 127]; scale (N, Kp / 32) float16; w ~ q * scale per group.
+    """
+    n, k = weight.shape
+    k_pad = _round_up(k, UNIT_K)
+    q = torch.empty((n, k_pad), dtype=torch.int8)
+    scale = torch.empty((n, k_pad // GROUP), dtype=torch.float16)
+    for r0 in range(0, n, _QUANT_ROWS):
+        w = weight[r0:r0 + _QUANT_ROWS].detach().float()
+        if k_pad != k:
+            w = F.pad(w, (0, k_pad - k))
+        w = w.view(w.shape[0], -1, GROUP)  # (rows, G, 32)
+        s = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)  # (rows, G)
+        s32 = s.float()
+        inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
+        q[r0:r0 + _QUANT_ROWS] = torch.round(w * inv[..., None]).clamp_(-127, 127).to(torch.int8).view(w.shape[0], -1)
+        scale[r0:r0 + _QUANT_ROWS] = s
+    return q, scale
+
+
+def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Interleaves ``quantize_int8``'s output into 1088-byte units: (ceil(N/16), Kp/64, 1088) uint8."""
+    n, k_pad = q.shape
+    n_pad = _round_up(n, ROWS)
+    nb, units = n_pad // ROWS, k_pad // UNIT_K
+    u = (q.to(torch.int16) + 128).to(torch.uint8)
+    s = scale
+    if n_pad != n:
+        u = F.pad(u, (0, 0, 0, n_pad - n), value=128)  # q = 0
+        s = F.pad(s, (0, 0, 0, n_pad - n))
+    data = u.view(nb, ROWS, units, 2, 8, 4).permute(0, 2, 4, 3, 1, 5).reshape(nb, units, 2 * GROUP * ROWS)
+    scales = s.view(nb, ROWS, units, 2).permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(nb, units, 4 * ROWS)
+    return torch.cat((data, scales), dim=-1).contiguous()  # (Nb, Kp/64, 1088)
+
+
+def quantize_activations(x: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantization: per row and group of 32, scale = absmax / 127 (float32).
+
+    Returns:
+        (xq, scale): xq (M, Kp) float32 holding integers in [-127, 127]; scale (M, Kp / 32) float32.
+    """
+    x = x.float()
+    if k_pad != x.shape[-1]:
+        x = F.pad(x, (0, k_pad - x.shape[-1]))
+    x = x.view(x.shape[0], -1, GROUP)  # (M, G, 32)
+    amax = x.abs().amax(dim=-1)  # (M, G)
+    # NOTE: a tensor divisor, not ``127.0 / amax``: torch computes scalar / tensor as a product with the reciprocal,
+    # which is off by an ulp often enough to flip ties (x * inv = k + 0.5) against the kernel's true division.
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(x * inv[..., None])
+    return xq.view(x.shape[0], -1), amax / 127.0
+
+
+def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the int8 kernel computes, in float64: quantized activations times quantized weights, per group.
+
+    Args:
+        x: (M, K) activations.
+        q, scale: from ``quantize_int8``.
+        bias: (N,) or None.
+
+    Returns:
+        (M, N) float64.
+    """
+    xq, xs = quantize_activations(x, q.shape[1])
+    m, g = xs.shape
+    dots = torch.einsum("mgk,ngk->mng", xq.double().view(m, g, GROUP), q.double().view(q.shape[0], g, GROUP))
+    factors = (scale.float()[None, :, :] * xs[:, None, :]).double()  # (M, N, G), fp32 products like the kernel
+    out = (dots * factors).sum(-1)  # (M, N)
+    return out if bias is None else out + bias.double()
+
+
+class NativeLinear(nn.Module):
+    """``nn.Linear`` on packed weights, computed by the native kernels.
+
+    Accepts (..., K) bfloat16 or float32 input (other dtypes are cast to float32) and any number of rows; returns
+    (..., N) in ``out_dtype`` (bfloat16 or float32) or, when None, the input's dtype.
+    """
+
+    def __init__(self, library: NativeLibrary, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, isa: int,
+                 num_threads: int, out_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ValueError(f"format {fmt!r} is not one of {FORMATS}")
+        if isa not in (ISA_AVX512, ISA_AVX2):
+            raise ValueError(f"isa {isa} is not ISA_AVX512 ({ISA_AVX512}) or ISA_AVX2 ({ISA_AVX2})")
+        if out_dtype not in (None, *_OUT_FLAGS):
+            raise ValueError(f"out_dtype {out_dtype} is not bfloat16 or float32")
+        if num_threads < 1:
+            raise ValueError(f"num_threads ({num_threads}) must be >= 1")
+        self.out_features, self.in_features = weight.shape
+        self.fmt = fmt
+        self.out_dtype = out_dtype
+        if fmt == "bf16":
+            packed, k_pad = pack_bf16(weight), _round_up(self.in_features, 2)
+        else:
+            packed, k_pad = pack_int8(*quantize_int8(weight)), _round_up(self.in_features, UNIT_K)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
+        self._descriptor = LinearDescriptor(
+            weight=packed.data_ptr(), bias=None if bias is None else self.bias.data_ptr(), n=self.out_features,
+            k=self.in_features, kp=k_pad, nblocks=packed.shape[0], nthreads=num_threads, isa=isa)
+        # NOTE: the descriptor holds raw pointers; ``packed`` and ``bias`` must never be replaced or moved (no
+        # ``.to()``), which is why the module has no parameters.
+        self._address = ctypes.addressof(self._descriptor)  # a plain int: calls convert nothing
+        self._kernel = library.linear_bf16 if fmt == "bf16" else library.linear_int8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: this runs ~200 times per decode step; the common case (2-D, contiguous, bf16/fp32) takes the fewest
+        # torch calls possible (each costs ~1 us), everything else is normalized by ``_forward_any``.
+        if x.dim() != 2 or x.dtype not in _X_FLAGS or not x.is_contiguous():
+            return self._forward_any(x)
+        m, k = x.shape
+        if k != self.in_features:
+            raise ValueError(f"input has {k} features, the layer takes {self.in_features}")
+        out_dtype = self.out_dtype or x.dtype
+        out = torch.empty((m, self.out_features), dtype=out_dtype)
+        if m and self._kernel(self._address, x.data_ptr(), m, out.data_ptr(),
+                              _X_FLAGS[x.dtype] | _OUT_FLAGS[out_dtype]) != 0:
+            raise MemoryError(f"native linear ({m}x{k} by {self.out_features}): out of memory")
+        return out
+
+    def _forward_any(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in _X_FLAGS:
+            x = x.float()
+        lead = x.shape[:-1]
+        return self.forward(x.reshape(-1, x.shape[-1]).contiguous()).view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
+
+
+class TorchInt8Linear(nn.Module):
+    """The int8 format computed with torch ops (dequantize, then ``F.linear`` in float32): the reference path for
+    CPUs without AVX2. Correct, but slower than bf16: it is not a fast path."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_int8(weight)
+        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+        self.out_dtype = out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xq, xs = quantize_activations(x2, self.q.shape[1])
+        x_deq = (xq.view(xq.shape[0], -1, GROUP) * xs[..., None]).view(xq.shape)  # (M, Kp)
+        w_deq = (self.q.float().view(self.out_features, -1, GROUP) * self.scale.float()[..., None]).view(self.q.shape)
+        out = F.linear(x_deq, w_deq, self.bias)  # (M, N) float32
+        return out.to(self.out_dtype or x.dtype).view(*lead, self.out_features)

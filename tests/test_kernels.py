@@ -1,0 +1,266 @@
+"""Native linear kernels: each kernel against torch on odd shapes, the int8 format against its own reference, the
+backend switch and its fallbacks, and a whole model run through the engine on each backend."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fabrik.kernels as kernels
+from fabrik import LLM, SamplingParams
+from fabrik.kernels import KernelBackend, NativeBackend, TorchBackend, apply_kernels, select_backend
+from fabrik.kernels.linear import GROUP, int8_reference, quantize_int8
+from fabrik.kernels.native import ISA_AVX2, ISA_AVX512, KernelBuildError, best_isa, build, cpu_flags
+
+BEST_ISA = best_isa(cpu_flags())
+NATIVE_NAMES = [name for name, isa in (("native-avx512", ISA_AVX512), ("native-avx2", ISA_AVX2))
+                if BEST_ISA is not None and (BEST_ISA == ISA_AVX512 or isa == ISA_AVX2)]
+SHAPES = [(1, 1), (37, 70), (100, 129), (64, 64), (33, 200), (130, 1000)]  # (N, K): padded rows and K
+BATCHES = [1, 2, 7, 9, 17, 64]  # tiles: 8 rows (bf16 AVX-512), 6 (int8 AVX-512), 4 and 2 (AVX2)
+
+
+@pytest.fixture(params=NATIVE_NAMES or [pytest.param("none", marks=pytest.mark.skip("no native kernels here"))])
+def native(request) -> NativeBackend:
+    backend = select_backend(request.param)
+    assert backend.name == request.param
+    return backend
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference over the largest magnitude of ``expected``."""
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30))
+
+
+def _case(n: int, k: int, m: int, seed: int, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    return w, b, x
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_bf16_matches_torch(native, n, k):
+    for m in BATCHES:
+        w, b, x = _case(n, k, m, seed=n * 1000 + k + m, bias=m % 2 == 1)
+        layer = native.linear(w, b, None)
+        # bf16 in, bf16 out, like the engine: within the rounding of the bf16 output of torch's own F.linear.
+        ours = layer(x)
+        theirs = F.linear(x, w, None if b is None else b.to(torch.bfloat16))
+        assert ours.dtype == torch.bfloat16 and ours.shape == (m, n)
+        err = _rel_err(ours, theirs)
+        assert err <= 1e-2, f"M={m} N={n} K={k}: bf16 relative error {err:.2e} > 1e-2"
+        # float32 out against float64 on the same bf16 operands: only the fp32 accumulation order differs.
+        exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+        err = _rel_err(native.linear(w, b, None, out_dtype=torch.float32)(x), exact)
+        assert err <= 1e-5, f"M={m} N={n} K={k}: fp32-out relative error {err:.2e} > 1e-5"
+
+
+def test_bf16_float32_input_and_leading_dims(native):
+    w, b, _ = _case(48, 96, 1, seed=1)
+    x = torch.randn(2, 3, 96)
+    ours = native.linear(w, b, None)(x)  # (2, 3, 48) float32
+    assert ours.shape == (2, 3, 48) and ours.dtype == torch.float32
+    # AVX-512 rounds float32 x to bf16 pairs, AVX2 keeps it float32: both within bf16 rounding of x.
+    err = _rel_err(ours, F.linear(x.double(), w.double(), b.double()))
+    assert err <= 1e-2, f"relative error {err:.2e} > 1e-2"
+    assert native.linear(w, b, None)(torch.empty(0, 96)).shape == (0, 48)
+
+
+def test_int8_quantization_round_trip():
+    w = torch.randn(37, 70) * torch.logspace(-3, 1, 70)  # columns of very different size across groups
+    q, scale = quantize_int8(w)
+    assert q.shape == (37, 128) and scale.shape == (37, 4) and scale.dtype == torch.float16
+    assert int(q.abs().max()) <= 127 and not q[:, 70:].any()
+    deq = (q.float().view(37, 4, GROUP) * scale.float()[..., None]).view(37, 128)[:, :70]
+    bound = scale.float().repeat_interleave(GROUP, dim=1)[:, :70] * 0.5 * (1 + 1e-3)
+    assert bool(((deq - w).abs() <= bound).all()), f"largest error {float((deq - w).abs().max()):.3e}"
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_int8_matches_reference(native, n, k):
+    for m in BATCHES:
+        w, b, x = _case(n, k, m, seed=7 * n + k + m, bias=m % 2 == 0)
+        q, scale = quantize_int8(w)
+        expected = int8_reference(x, q, scale, b)
+        ours = native.linear(w, b, "int8", out_dtype=torch.float32)(x)
+        err = _rel_err(ours, expected)
+        assert err <= 1e-5, f"M={m} N={n} K={k}: int8 vs its reference: relative error {err:.2e} > 1e-5"
+        unquantized = F.linear(x.double(), w.double(), None if b is None else b.double())
+        err = _rel_err(native.linear(w, b, "int8")(x), unquantized)  # bf16 out
+        assert err <= 3e-2, f"M={m} N={n} K={k}: int8 vs unquantized: relative error {err:.2e} > 3e-2"
+
+
+def test_torch_int8_matches_reference():
+    w, b, x = _case(70, 100, 5, seed=3)
+    q, scale = quantize_int8(w)
+    ours = TorchBackend().linear(w, b, "int8", out_dtype=torch.float32)(x)
+    err = _rel_err(ours, int8_reference(x, q, scale, b))
+    assert err <= 1e-5, f"relative error {err:.2e} > 1e-5"
+
+
+def test_select_backend_names(monkeypatch):
+    monkeypatch.setenv("FABRIK_KERNELS", "torch")
+    assert isinstance(select_backend(), TorchBackend)
+    with pytest.raises(ValueError, match="cuda"):
+        select_backend("cuda")
+    monkeypatch.setenv("FABRIK_KERNELS", "auto")
+    expected = {ISA_AVX512: "native-avx512", ISA_AVX2: "native-avx2", None: "torch"}[BEST_ISA]
+    assert select_backend().name == expected
+
+
+def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
+    monkeypatch.setenv("FABRIK_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(KernelBuildError, match="no-such-compiler"):
+        build()
+
+    def broken(isa):
+        raise KernelBuildError("compiler exploded")
+
+    monkeypatch.setattr(kernels, "_native_backend", broken)
+    assert isinstance(select_backend("auto"), TorchBackend)
+    with pytest.raises(RuntimeError, match="compiler exploded"):
+        select_backend("native")
+
+
+def test_build_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("FABRIK_KERNEL_CACHE", str(tmp_path))
+    first = build()
+    assert first.is_file() and first.parent.parent == tmp_path
+    mtime = first.stat().st_mtime_ns
+    assert build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    assert not list(first.parent.glob("*.tmp"))
+
+
+BF16_TIE = 0.25
+"""bf16 logits carry ~0.1-0.4 of rounding noise (see test_engine.py): a closer top two is a coin toss."""
+
+
+def _greedy(path, kernels: str, quantization: str | None, prompts):
+    """Greedy outputs (32 tokens, top-2 logprobs) of ``fabrik.LLM`` in bf16 on the ``kernels`` backend."""
+    llm = LLM(str(path), dtype="bfloat16", kv_cache_memory_bytes=8 * 2**20, kernels=kernels,
+              quantization=quantization)
+    assert llm.engine.runner.kernel_backend == kernels
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    return [o.outputs[0] for o in outputs]
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(500) for _ in range(length)] for length in (1, 5, 12, 30, 64, 100)]
+
+
+_TORCH_OUTPUTS: dict[str, list] = {}
+"""The torch backend's outputs per checkpoint fixture, shared by the native backends' runs."""
+
+
+@pytest.fixture
+def one_thread():
+    """Runs torch on one thread: on a shared 2-core machine a second thread can stall each step by milliseconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_ckpt", "qwen3_untied_ckpt"])
+def test_model_native_matches_torch(native, one_thread, request, kind):
+    path = request.getfixturevalue(kind)
+    prompts = _prompts()
+    if kind not in _TORCH_OUTPUTS:
+        _TORCH_OUTPUTS[kind] = _greedy(path, "torch", None, prompts)
+    reference = _TORCH_OUTPUTS[kind]
+    ours = _greedy(path, native.name, None, prompts)
+    agree = []
+    for prompt, a, ref in zip(prompts, ours, reference):
+        i = next((i for i, (x, y) in enumerate(zip(a.token_ids, ref.token_ids)) if x != y), len(ref.token_ids))
+        agree.append(i)
+        if i < len(ref.token_ids):
+            # Diverging is only acceptable where torch's own top two logits are within bf16 noise.
+            top = dict(ref.logprobs[i].top)
+            gap = top[ref.token_ids[i]] - top.get(a.token_ids[i], float("-inf"))
+            assert gap < BF16_TIE, (f"prompt of {len(prompt)} tokens diverges at token {i} where torch prefers "
+                                    f"its token by {gap:.3f} >= {BF16_TIE}")
+    assert sum(n == 32 for n in agree) > len(prompts) // 2, f"equal greedy tokens of 32 per prompt: {agree}"
+
+
+def _prefill_logits(model, config, ids: list[int]) -> torch.Tensor:
+    """(T, vocab) float32 logits of every position of one prompt, run as a single prefill."""
+    from fabrik.models.attention import AttentionMetadata
+
+    n, block_size = len(ids), 16
+    blocks = (n + block_size - 1) // block_size
+    caches = [torch.zeros(2, blocks, block_size, config.num_key_value_heads, config.head_dim)
+              for _ in range(config.num_hidden_layers)]
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), query_start_loc=(0, n), seq_lens=(n,),
+                             block_tables=torch.arange(blocks)[None], block_size=block_size)
+    with torch.inference_mode():
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(n), caches, meta))
+
+
+@pytest.mark.parametrize("backend", [*NATIVE_NAMES, "torch"])
+def test_model_int8_close_to_float32(backend, qwen3_ckpt):
+    from fabrik.loader import load_model
+    from fabrik.model_config import load_model_config
+
+    config = load_model_config(qwen3_ckpt)
+    ids = _prompts()[-1]
+    reference = _prefill_logits(load_model(qwen3_ckpt, config, torch.float32), config, ids)  # (T, vocab)
+    quantized = apply_kernels(load_model(qwen3_ckpt, config, torch.float32), backend, "int8")
+    logits = _prefill_logits(quantized, config, ids)
+    err = _rel_err(logits, reference)
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert err <= 5e-2 and top1 >= 0.9, f"int8 model: logit error {err:.2e} of the largest, top-1 agreement {top1:.0%}"
+
+
+def test_torch_backend_leaves_model_alone(qwen3_ckpt):
+    from fabrik.loader import load_model
+    from fabrik.model_config import load_model_config
+
+    model = load_model(qwen3_ckpt, load_model_config(qwen3_ckpt), torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert apply_kernels(model, "torch", None) is model
+    assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_engine_properties_hold_on_the_native_path(qwen3_ckpt, quantization):
+    """Batch equals single and prefix cache on equals off, with the native kernels doing the matmuls."""
+    backend = select_backend("auto")
+    if backend.name == "torch":
+        pytest.skip("no native kernels on this CPU")
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+    def run(**kw):
+        llm = LLM(str(qwen3_ckpt), dtype="bfloat16", kv_cache_memory_bytes=8 * 2**20, kernels=backend.name,
+                  quantization=quantization, **kw)
+        assert llm.engine.runner.kernel_backend == backend.name
+        return llm
+
+    llm = run()
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone
+    no_cache = run(enable_prefix_caching=False)
+    assert [o.outputs[0].token_ids for o in no_cache.generate(prompts, params)] == together
+
+
+def test_release_mapped_pages_keeps_values_and_spares_ordinary_memory(tmp_path):
+    from safetensors.torch import safe_open, save_file
+
+    from fabrik.kernels.memory import release_mapped_pages
+
+    save_file({"w": torch.arange(3 * 2**20, dtype=torch.float32)}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        mapped = f.get_tensor("w")
+    before = mapped.clone()
+    assert release_mapped_pages([mapped]) > 0  # file-backed: its pages are dropped ...
+    assert torch.equal(mapped, before)  # ... and fault back in with the same bytes
+    ordinary = torch.ones(2**20)
+    assert release_mapped_pages([ordinary]) == 0 and bool((ordinary == 1).all())
