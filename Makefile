@@ -34,3 +34,5 @@ run: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+include bench/Makefile.inc

@@ -159,7 +159,9 @@ async def run_serve_async(config: ServeConfig) -> dict[str, Any]:
 
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     connections = max(config.concurrency) + 1
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # NOTE: no keep-alive: llama-server sometimes closes a reused connection without answering (seen on 1-2 of
+    # 8 requests), which would count as failures of the server under test rather than of the benchmark.
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=config.timeout_s, headers=headers, limits=limits) as client:
         for prompt in config.prompts(-1)[:config.warmup]:
             record = await send_one(client, config, prompt)
