@@ -175,25 +175,26 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         ctx.check_model(model_id)
         return _json(_model_card(ctx))
 
+    async def _serve(run: chat.ChatRun | completions.CompletionRun, arrival: float, stream: bool,
+                     request: Request) -> Response:
+        """Submit a prepared run, then stream its events or answer with its whole response."""
+        await _start(run.start(arrival))
+        if stream:
+            return _stream(request, run.abort, run.events())
+        result = await unless_disconnected(request, run.response())
+        return Response(status_code=_CLIENT_CLOSED) if result is None else _json(result)
+
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         run = chat.ChatRun(ctx, chat.prepare(ctx, body), ctx.model.name)
-        await _start(run.start(arrival))
-        if body.stream:
-            return _stream(request, run.abort, run.events())
-        result = await unless_disconnected(request, run.response())
-        return Response(status_code=_CLIENT_CLOSED) if result is None else _json(result)
+        return await _serve(run, arrival, body.stream, request)
 
     @app.post("/v1/completions", response_model=None)
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         run = completions.CompletionRun(ctx, completions.prepare(ctx, body), ctx.model.name)
-        await _start(run.start(arrival))
-        if body.stream:
-            return _stream(request, run.abort, run.events())
-        result = await unless_disconnected(request, run.response())
-        return Response(status_code=_CLIENT_CLOSED) if result is None else _json(result)
+        return await _serve(run, arrival, body.stream, request)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> Response:
