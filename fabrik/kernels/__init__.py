@@ -141,7 +141,7 @@ def select_backend(name: str | None = None) -> KernelBackend:
 
 
 def apply_kernels(model: nn.Module, backend: KernelBackend | str | None = None,
-                  quantization: str | None = None) -> nn.Module:
+                  quantization: str | None = None, native_forward: bool = True) -> nn.Module:
     """Replaces every ``nn.Linear`` of ``model`` (and the LM head) with ``backend``'s modules, in place.
 
     The LM head of a ``DecoderForCausalLM`` (``lm_head``, or the embedding table when tied) becomes
@@ -152,6 +152,8 @@ def apply_kernels(model: nn.Module, backend: KernelBackend | str | None = None,
         model: A loaded model (weights materialized, eval mode).
         backend: A backend, a name for ``select_backend``, or None for ``$FABRIK_KERNELS``.
         quantization: None or "int8" (weights quantized now, at load).
+        native_forward: On a native backend, also run the whole decoder stack in one native call per step
+            (``fabrik.kernels.forward``) when the model allows it (bf16 decoder); False keeps the modules' forward.
 
     Returns:
         The same model object.
@@ -178,6 +180,14 @@ def apply_kernels(model: nn.Module, backend: KernelBackend | str | None = None,
             release_mapped_pages([weight])
             if getattr(model, "lm_head", None) is not None:
                 model.lm_head = None  # untied: the packed head replaces it
+    if native_forward and isinstance(backend, NativeBackend):
+        from fabrik.kernels.forward import NativeForward, native_forward_unsupported
+
+        reason = native_forward_unsupported(model)
+        if reason is None:
+            model.native_forward = NativeForward(backend.library, model, backend.num_threads)
+        else:
+            logger.info("layers run module by module: %s", reason)
     return model
 
 

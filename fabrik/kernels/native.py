@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY_NAME = "libfabrik_kernels.so"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 ISA_AVX512 = 1
 """AVX-512 F/BW/VL + BF16 + VNNI kernels (``isa`` field of the C layer descriptor)."""
@@ -70,6 +70,8 @@ class NativeLibrary:
     """Same signature as ``linear_bf16``, for int8-packed layers."""
     stream_read: ctypes._CFuncPtr
     """uint64 (data*, nbytes, nthreads): sums the bytes' 64-bit words; the bandwidth reference."""
+    forward: ctypes._CFuncPtr
+    """int (model*, batch*, out*): the decoder stack of one step (csrc/forward.c); 0, or a negative error code."""
 
 
 def cpu_flags() -> frozenset[str]:
@@ -104,7 +106,7 @@ def _cache_root() -> Path:
 
 def _build_key(compiler: str) -> str:
     digest = hashlib.sha256()
-    for source in sorted(SOURCE_DIR.glob("*.c")):
+    for source in sorted([*SOURCE_DIR.glob("*.c"), *SOURCE_DIR.glob("*.h")]):
         digest.update(source.name.encode())
         digest.update(source.read_bytes())
     try:
@@ -166,7 +168,10 @@ def _load(path: Path) -> NativeLibrary:
     stream = cdll.fabrik_stream_read
     stream.argtypes = (ctypes.c_void_p, ctypes.c_long, ctypes.c_int)
     stream.restype = ctypes.c_uint64
-    return NativeLibrary(path=path, cdll=cdll, stream_read=stream, **functions)
+    forward = cdll.fabrik_forward
+    forward.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+    forward.restype = ctypes.c_int
+    return NativeLibrary(path=path, cdll=cdll, stream_read=stream, forward=forward, **functions)
 
 
 @lru_cache(maxsize=1)

@@ -6,6 +6,7 @@ keys are the module's state_dict keys with no renaming.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,8 @@ class DecoderForCausalLM(nn.Module):
                                                                          bias=False)
         self.lm_head_kernel: nn.Module | None = None
         """Set by ``fabrik.kernels.apply_kernels``: a packed LM head that replaces the projection in compute_logits."""
+        self.native_forward: Callable[..., torch.Tensor] | None = None
+        """Set by ``fabrik.kernels.apply_kernels``: runs the whole stack natively in place of the modules' forward."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -128,6 +131,8 @@ class DecoderForCausalLM(nn.Module):
         Returns:
             (T, hidden) final-normed hidden states.
         """
+        if self.native_forward is not None:
+            return self.native_forward(input_ids, positions, kv_caches, attn_metadata)
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fabrik.h"
+
 #define ROWS 16         /* rows per weight block */
 #define GROUP 32        /* int8 quantization group along K */
 #define UNIT_K 64       /* K values per int8 unit (two groups) */
@@ -32,43 +34,9 @@
 
 #define PREFETCH_LINES 16 /* software prefetch distance of the batched tiles, in 64-byte lines */
 
-#define ISA_AVX512 1
-#define ISA_AVX2 2
-
-/* One packed linear layer; Python fills it once (a ctypes Structure) and passes its address on every call. */
-typedef struct {
-    const void *weight; /* packed blocks */
-    const float *bias;  /* (N,) float32 or NULL */
-    int32_t n;          /* output features */
-    int32_t k;          /* input features */
-    int32_t kp;         /* K padded: to 2 (bf16) or 64 (int8) */
-    int32_t nblocks;    /* ceil(N / 16) */
-    int32_t nthreads;
-    int32_t isa;        /* ISA_AVX512 or ISA_AVX2 */
-} fabrik_linear;
-
 typedef int32_t __attribute__((may_alias)) i32_alias; /* 4 quantized x bytes read as one broadcast value */
 
-/* Flags of a call. */
-#define X_BF16 1   /* x is bf16, else float32 */
-#define OUT_BF16 2 /* out is bf16, else float32 */
-
-int fabrik_abi_version(void) { return 1; }
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+int fabrik_abi_version(void) { return FABRIK_ABI_VERSION; }
 
 static inline float load_x(const void *x, int flags, long i) {
     return (flags & X_BF16) ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];

@@ -1,0 +1,48 @@
+/* Declarations shared by the native kernel sources (linear.c, forward.c). Python mirrors every struct here with a
+ * ctypes.Structure (fabrik/kernels/native.py, forward.py); bump FABRIK_ABI_VERSION when one changes. */
+#ifndef FABRIK_H
+#define FABRIK_H
+
+#include <stdint.h>
+#include <string.h>
+
+#define FABRIK_ABI_VERSION 2
+
+#define ISA_AVX512 1
+#define ISA_AVX2 2
+
+/* Flags of a linear call. */
+#define X_BF16 1   /* x is bf16, else float32 */
+#define OUT_BF16 2 /* out is bf16, else float32 */
+
+/* One packed linear layer; Python fills it once (a ctypes Structure) and passes its address on every call. */
+typedef struct {
+    const void *weight; /* packed blocks */
+    const float *bias;  /* (N,) float32 or NULL */
+    int32_t n;          /* output features */
+    int32_t k;          /* input features */
+    int32_t kp;         /* K padded: to 2 (bf16) or 64 (int8) */
+    int32_t nblocks;    /* ceil(N / 16) */
+    int32_t nthreads;
+    int32_t isa;        /* ISA_AVX512 or ISA_AVX2 */
+} fabrik_linear;
+
+int fabrik_linear_bf16(const fabrik_linear *L, const void *x, int M, void *out, int flags);
+int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags);
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#endif

@@ -1,0 +1,244 @@
+/* The decoder stack of a Llama / Qwen2 / Qwen3 model in one native call per step (bf16 activations).
+ *
+ * fabrik/kernels/forward.py fills the descriptors once; each step passes the batch (new tokens, rotary tables, KV
+ * slots, block tables) and gets the final-normed hidden states back. Per layer:
+ *
+ *     h = rmsnorm(x [+ residual])          q, k, v = h Wq, h Wk, h Wv      (native linears, bf16 out)
+ *     q, k = rope(qk_norm(q, k))           K/V cache[slot] = k, v
+ *     a = paged_attention(q)                x = x + a Wo;  h = rmsnorm(x)
+ *     m = silu(h Wgate) * (h Wup)          residual = m Wdown            (added by the next layer's norm)
+ *
+ * Numerics follow the torch modules of fabrik/models (themselves Hugging Face's): every op rounds to bf16 where the
+ * torch op would, so the two paths agree to the last bit except in reduction order (norm sums, attention).
+ * Attention accumulates in fp32 with an online softmax over the block table: no gathered copy of K/V, no mask.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+
+#include "fabrik.h"
+
+#define FMT_BF16 0
+#define FMT_INT8 1
+#define LANES 16       /* fp32 partial sums: one AVX-512 register (two AVX2 ones) */
+#define KEY_CHUNK 32   /* keys scored at a time between softmax rescales */
+#define MAX_GROUP 16   /* query heads per KV head */
+#define MAX_HEAD_DIM 512
+
+typedef struct {
+    const fabrik_linear *q, *k, *v, *o, *gate, *up, *down;
+    const uint16_t *input_norm, *post_norm; /* (hidden,) bf16 */
+    const uint16_t *q_norm, *k_norm;        /* (head_dim,) bf16, NULL without per-head norms */
+    uint16_t *kv_cache;                     /* (2, num_blocks, block_size, n_kv_heads, head_dim) bf16 */
+} fabrik_layer;
+
+typedef struct {
+    const fabrik_layer *layers;
+    const uint16_t *embed;      /* (vocab, hidden) bf16 */
+    const uint16_t *final_norm; /* (hidden,) bf16 */
+    int32_t n_layers, vocab, hidden, n_heads, n_kv_heads, head_dim, intermediate;
+    int32_t num_blocks, block_size, fmt, nthreads;
+    float eps, scale;
+} fabrik_model;
+
+typedef struct {
+    const int64_t *tokens;       /* (T,) */
+    const uint16_t *cos, *sin;   /* (T, head_dim) bf16 */
+    const int64_t *slots;        /* (T,) cache slot of each token's K/V */
+    const int32_t *query_start;  /* (S + 1,) offsets of each sequence's tokens in the batch */
+    const int32_t *seq_lens;     /* (S,) KV length after this step */
+    const int64_t *block_tables; /* (S, max_blocks) */
+    int32_t T, S, max_blocks;
+} fabrik_batch;
+
+static inline float bmul(float a, float b) { return bf16_to_f32(f32_to_bf16(a * b)); }
+
+/* e^x to ~1 ulp for x in [-87, 88] (Cephes' polynomial); plain C so that loops over it vectorize. */
+static inline float fexp(float x) {
+    x = x > 88.3f ? 88.3f : (x < -87.3f ? -87.3f : x);
+    float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    return p * s;
+}
+
+/* out = w * bf16(x * rsqrt(mean(x^2) + eps)) over one row of n; with y, first x = bf16(x + y) in place.
+ * out may be y (y is read in full before out is written). */
+static void rmsnorm_row(uint16_t *x, const uint16_t *y, const uint16_t *w, int n, float eps, uint16_t *out) {
+    if (y)
+        for (int i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
+    float part[LANES] = {0}, sum = 0.0f;
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float v = bf16_to_f32(x[i + l]);
+            part[l] += v * v;
+        }
+    for (; i < n; i++) sum += bf16_to_f32(x[i]) * bf16_to_f32(x[i]);
+    for (int l = 0; l < LANES; l++) sum += part[l];
+    float r = 1.0f / sqrtf(sum / (float)n + eps);
+    for (i = 0; i < n; i++) out[i] = f32_to_bf16(bmul(bf16_to_f32(x[i]), r) * bf16_to_f32(w[i]));
+}
+
+static void rmsnorm_rows(const fabrik_model *M, uint16_t *x, const uint16_t *y, const uint16_t *w, int T,
+                         uint16_t *out) {
+    int H = M->hidden;
+#pragma omp parallel for num_threads(M->nthreads) if (T >= 8) schedule(static)
+    for (int t = 0; t < T; t++)
+        rmsnorm_row(x + (long)t * H, y ? y + (long)t * H : NULL, w, H, M->eps, out + (long)t * H);
+}
+
+/* One head in place: optional per-head RMSNorm, then rotate-half RoPE as torch computes it in bf16:
+ * x * cos + rotate_half(x) * sin, each product and the sum rounded to bf16. */
+static void norm_rope_head(uint16_t *h, const uint16_t *w, float eps, const uint16_t *cos, const uint16_t *sin,
+                           int D) {
+    if (w) rmsnorm_row(h, NULL, w, D, eps, h);
+    int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        float x1 = bf16_to_f32(h[i]), x2 = bf16_to_f32(h[i + half]);
+        float c1 = bf16_to_f32(cos[i]), c2 = bf16_to_f32(cos[i + half]);
+        float s1 = bf16_to_f32(sin[i]), s2 = bf16_to_f32(sin[i + half]);
+        h[i] = f32_to_bf16(bmul(x1, c1) - bmul(x2, s1));
+        h[i + half] = f32_to_bf16(bmul(x2, c2) + bmul(x1, s2));
+    }
+}
+
+static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
+    float part[LANES] = {0}, sum = 0.0f;
+    int d = 0;
+    for (; d + LANES <= D; d += LANES)
+        for (int l = 0; l < LANES; l++) part[l] += q[d + l] * bf16_to_f32(k[d + l]);
+    for (; d < D; d++) sum += q[d] * bf16_to_f32(k[d]);
+    for (int l = 0; l < LANES; l++) sum += part[l];
+    return sum;
+}
+
+/* The G query heads of KV head `kvh` for batch token t of sequence s: causal attention over the sequence's cached
+ * positions 0..pos(t), read through its block table, softmax kept online (running max m and sum l per head). */
+static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const uint16_t *q,
+                   uint16_t *out, int t, int s, int kvh) {
+    int D = M->head_dim, G = M->n_heads / M->n_kv_heads, bs = M->block_size;
+    long kv_stride = (long)M->n_kv_heads * D;                     /* between consecutive tokens of the cache */
+    long v_offset = (long)M->num_blocks * bs * kv_stride;         /* V half of the cache */
+    int q_len = B->query_start[s + 1] - B->query_start[s];
+    int n_keys = B->seq_lens[s] - q_len + (t - B->query_start[s]) + 1;
+    const int64_t *table = B->block_tables + (long)s * B->max_blocks;
+    float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], m[MAX_GROUP], l[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        const uint16_t *qh = q + ((long)t * M->n_heads + (long)kvh * G + g) * D;
+        for (int d = 0; d < D; d++) {
+            qf[g][d] = bf16_to_f32(qh[d]);
+            acc[g][d] = 0.0f;
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    for (int t0 = 0; t0 < n_keys; t0 += bs) {
+        const uint16_t *K = Ly->kv_cache + table[t0 / bs] * bs * kv_stride + (long)kvh * D;
+        const uint16_t *V = K + v_offset;
+        int n = n_keys - t0 < bs ? n_keys - t0 : bs;
+        for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
+            int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
+            for (int g = 0; g < G; g++) {
+                float sc[KEY_CHUNK], mx = m[g];
+                for (int i = 0; i < cn; i++) {
+                    sc[i] = dot_bf16(qf[g], K + (c0 + i) * kv_stride, D) * M->scale;
+                    mx = sc[i] > mx ? sc[i] : mx;
+                }
+                if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
+                    float a = fexp(m[g] - mx);
+                    l[g] *= a;
+                    for (int d = 0; d < D; d++) acc[g][d] *= a;
+                    m[g] = mx;
+                }
+                for (int i = 0; i < cn; i++) sc[i] = fexp(sc[i] - mx);
+                for (int i = 0; i < cn; i++) {
+                    const uint16_t *vr = V + (c0 + i) * kv_stride;
+                    l[g] += sc[i];
+                    for (int d = 0; d < D; d++) acc[g][d] += sc[i] * bf16_to_f32(vr[d]);
+                }
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        uint16_t *o = out + ((long)t * M->n_heads + (long)kvh * G + g) * D;
+        float inv = 1.0f / l[g];
+        for (int d = 0; d < D; d++) o[d] = f32_to_bf16(acc[g][d] * inv);
+    }
+}
+
+static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t *x, int T, uint16_t *out) {
+    return M->fmt == FMT_INT8 ? fabrik_linear_int8(L, x, T, out, X_BF16 | OUT_BF16)
+                              : fabrik_linear_bf16(L, x, T, out, X_BF16 | OUT_BF16);
+}
+
+static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const int32_t *seq_of,
+                         uint16_t *x, uint16_t *h, uint16_t *q, uint16_t *k, uint16_t *v, uint16_t *a, uint16_t *gt,
+                         uint16_t *up, const uint16_t *residual) {
+    int T = B->T, D = M->head_dim, Hq = M->n_heads, Hkv = M->n_kv_heads, I = M->intermediate;
+    long kv_row = (long)Hkv * D;
+    rmsnorm_rows(M, x, residual, Ly->input_norm, T, h);
+    if (linear(M, Ly->q, h, T, q) || linear(M, Ly->k, h, T, k) || linear(M, Ly->v, h, T, v)) return -1;
+#pragma omp parallel for num_threads(M->nthreads) if (T >= 4) schedule(static)
+    for (int t = 0; t < T; t++) {
+        const uint16_t *cos = B->cos + (long)t * D, *sin = B->sin + (long)t * D;
+        for (int hh = 0; hh < Hq; hh++) norm_rope_head(q + ((long)t * Hq + hh) * D, Ly->q_norm, M->eps, cos, sin, D);
+        for (int hh = 0; hh < Hkv; hh++)
+            norm_rope_head(k + ((long)t * Hkv + hh) * D, Ly->k_norm, M->eps, cos, sin, D);
+        uint16_t *slot = Ly->kv_cache + B->slots[t] * kv_row;
+        memcpy(slot, k + t * kv_row, kv_row * 2);
+        memcpy(slot + (long)M->num_blocks * M->block_size * kv_row, v + t * kv_row, kv_row * 2);
+    }
+    /* Work items are (token, KV head); causal prefill items differ in length, hence dynamic scheduling. */
+#pragma omp parallel for num_threads(M->nthreads) schedule(dynamic, 1)
+    for (long item = 0; item < (long)T * Hkv; item++) {
+        int t = (int)(item / Hkv);
+        attend(M, Ly, B, q, a, t, seq_of[t], (int)(item % Hkv));
+    }
+    if (linear(M, Ly->o, a, T, h)) return -1;
+    rmsnorm_rows(M, x, h, Ly->post_norm, T, h);
+    if (linear(M, Ly->gate, h, T, gt) || linear(M, Ly->up, h, T, up)) return -1;
+    long n = (long)T * I;
+#pragma omp parallel for num_threads(M->nthreads) if (n >= 32768) schedule(static)
+    for (long i = 0; i < n; i++) { /* torch: silu in fp32 rounded to bf16, then the product rounded */
+        float g = bf16_to_f32(gt[i]);
+        gt[i] = f32_to_bf16(bmul(g / (1.0f + fexp(-g)), 1.0f) * bf16_to_f32(up[i]));
+    }
+    return linear(M, Ly->down, gt, T, h);
+}
+
+/* Runs the batch through every layer and the final norm: out (T, hidden) bf16. Returns 0, -1 when out of memory,
+ * -2 when the model's shape is beyond the fixed limits (MAX_GROUP query heads per KV head, MAX_HEAD_DIM), -3 when a
+ * token id is outside the vocabulary. */
+int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) {
+    int T = B->T, H = M->hidden;
+    if (M->n_heads % M->n_kv_heads || M->n_heads / M->n_kv_heads > MAX_GROUP || M->head_dim > MAX_HEAD_DIM)
+        return -2;
+    for (int t = 0; t < T; t++)
+        if (B->tokens[t] < 0 || B->tokens[t] >= M->vocab) return -3;
+    long qd = (long)M->n_heads * M->head_dim, kd = (long)M->n_kv_heads * M->head_dim, I = M->intermediate;
+    long elems = (long)T * (2 * H + 2 * qd + 2 * kd + 2 * I);
+    uint16_t *work = (uint16_t *)malloc((size_t)elems * 2 + (size_t)T * 4);
+    if (!work) return -1;
+    uint16_t *x = work, *h = x + (long)T * H, *q = h + (long)T * H, *a = q + T * qd, *k = a + T * qd;
+    uint16_t *v = k + T * kd, *gt = v + T * kd, *up = gt + T * I;
+    int32_t *seq_of = (int32_t *)(up + T * I);
+    for (int s = 0; s < B->S; s++)
+        for (int t = B->query_start[s]; t < B->query_start[s + 1]; t++) seq_of[t] = s;
+    for (int t = 0; t < T; t++) memcpy(x + (long)t * H, M->embed + B->tokens[t] * H, (size_t)H * 2);
+    int rc = 0;
+    for (int i = 0; i < M->n_layers && rc == 0; i++)
+        rc = layer_forward(M, &M->layers[i], B, seq_of, x, h, q, k, v, a, gt, up, i ? h : NULL);
+    if (rc == 0) rmsnorm_rows(M, x, M->n_layers ? h : NULL, M->final_norm, T, out);
+    free(work);
+    return rc;
+}

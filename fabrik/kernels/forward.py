@@ -1,0 +1,168 @@
+"""The whole decoder stack in one native call per step (csrc/forward.c) for bf16 models on native linears.
+
+Eager torch spends ~15 small ops per layer around the matrix products (norms, rotary, KV writes, attention,
+SiLU-and-multiply, residual adds), each ~2-10 us plus allocation: on a 28-layer model that is most of a decode step.
+``NativeForward`` replaces ``DecoderForCausalLM.forward`` with one ctypes call per step that runs every layer in C
+over the same packed weights and the same paged KV cache, rounding to bf16 where the torch modules do.
+
+``attach_native_forward`` installs it when the model allows: a ``DecoderForCausalLM`` in bfloat16 whose projections
+are all ``NativeLinear`` modules of one format. Otherwise the model keeps its module-by-module forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from fabrik.kernels.linear import NativeLinear
+from fabrik.kernels.native import NativeLibrary
+from fabrik.models.attention import AttentionMetadata
+
+FMT_CODES = {"bf16": 0, "int8": 1}
+_MAX_GROUP = 16
+_MAX_HEAD_DIM = 512
+
+
+class _Layer(ctypes.Structure):
+    """Mirror of ``fabrik_layer`` in csrc/forward.c."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "q", "k", "v", "o", "gate", "up", "down", "input_norm", "post_norm", "q_norm", "k_norm", "kv_cache")]
+
+
+class _Model(ctypes.Structure):
+    """Mirror of ``fabrik_model`` in csrc/forward.c."""
+
+    _fields_ = [("layers", ctypes.c_void_p), ("embed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)] + [
+        (name, ctypes.c_int32) for name in ("n_layers", "vocab", "hidden", "n_heads", "n_kv_heads", "head_dim",
+                                            "intermediate", "num_blocks", "block_size", "fmt", "nthreads")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class _Batch(ctypes.Structure):
+    """Mirror of ``fabrik_batch`` in csrc/forward.c."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "tokens", "cos", "sin", "slots", "query_start", "seq_lens", "block_tables")] + [
+        ("T", ctypes.c_int32), ("S", ctypes.c_int32), ("max_blocks", ctypes.c_int32)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def native_forward_unsupported(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run on ``NativeForward`` (None when it can)."""
+    from fabrik.models.decoder import DecoderForCausalLM
+
+    if not isinstance(model, DecoderForCausalLM) or type(model).forward is not DecoderForCausalLM.forward:
+        return f"{type(model).__name__} is not a plain DecoderForCausalLM"
+    inner = model.model
+    if inner.embed_tokens.weight.dtype != torch.bfloat16:
+        return f"weights are {inner.embed_tokens.weight.dtype}, not bfloat16"
+    config = model.config
+    if config.num_attention_heads % config.num_key_value_heads or \
+            config.num_attention_heads // config.num_key_value_heads > _MAX_GROUP:
+        return f"{config.num_attention_heads} query heads per {config.num_key_value_heads} KV heads"
+    if config.head_dim > _MAX_HEAD_DIM or config.head_dim % 2:
+        return f"head_dim {config.head_dim}"
+    formats = set()
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                       mlp.down_proj):
+            if not isinstance(module, NativeLinear):
+                return f"{type(module).__name__} projection"
+            formats.add(module.fmt)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
+        if any(n is not None and n.weight.dtype != torch.bfloat16 for n in norms):
+            return "norm weights are not bfloat16"
+    if len(formats) > 1:
+        return f"mixed weight formats {sorted(formats)}"
+    return None
+
+
+class NativeForward:
+    """Runs a ``DecoderForCausalLM``'s layers and final norm natively; called like its ``forward``.
+
+    Keeps the model's modules (they own the packed weights and norm weights the descriptors point at) and rebinds
+    the KV cache pointers whenever it is handed a different list of cache tensors.
+    """
+
+    def __init__(self, library: NativeLibrary, model: nn.Module, num_threads: int) -> None:
+        reason = native_forward_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"the native forward cannot run this model: {reason}")
+        self._fn = library.forward
+        self._model = model  # keeps every pointed-at tensor alive
+        inner, config = model.model, model.config
+        self._rotary = inner.rotary
+        layers = inner.layers
+        self._layers = (_Layer * len(layers))()
+        fmt = "bf16"
+        for desc, layer in zip(self._layers, layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for field, module in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
+                                  ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)):
+                setattr(desc, field, module._address)
+                fmt = module.fmt
+            desc.input_norm = _ptr(layer.input_layernorm.weight)
+            desc.post_norm = _ptr(layer.post_attention_layernorm.weight)
+            desc.q_norm = _ptr(attn.q_norm.weight) if attn.q_norm is not None else None
+            desc.k_norm = _ptr(attn.k_norm.weight) if attn.k_norm is not None else None
+        self._desc = _Model(
+            layers=ctypes.addressof(self._layers), embed=_ptr(inner.embed_tokens.weight),
+            final_norm=_ptr(inner.norm.weight), n_layers=len(layers),
+            vocab=inner.embed_tokens.weight.shape[0], hidden=config.hidden_size,
+            n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            intermediate=config.intermediate_size, num_blocks=0, block_size=0, fmt=FMT_CODES[fmt],
+            nthreads=num_threads, eps=config.rms_norm_eps, scale=config.head_dim**-0.5)
+        self._address = ctypes.addressof(self._desc)
+        self._hidden = config.hidden_size
+        self._caches: list[torch.Tensor] | None = None
+
+    def _bind(self, kv_caches: list[torch.Tensor]) -> None:
+        if len(kv_caches) != len(self._layers):
+            raise ValueError(f"{len(kv_caches)} KV caches for {len(self._layers)} layers")
+        shape = kv_caches[0].shape
+        for cache in kv_caches:
+            if cache.dtype != torch.bfloat16 or not cache.is_contiguous() or cache.shape != shape:
+                raise ValueError("KV caches must be contiguous bfloat16 tensors of one shape")
+        _, num_blocks, block_size, num_kv_heads, head_dim = shape
+        if (num_kv_heads, head_dim) != (self._desc.n_kv_heads, self._desc.head_dim):
+            raise ValueError(f"KV cache shape {tuple(shape)} does not fit the model")
+        for desc, cache in zip(self._layers, kv_caches):
+            desc.kv_cache = cache.data_ptr()
+        self._desc.num_blocks, self._desc.block_size = num_blocks, block_size
+        self._caches = kv_caches
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """Same contract as ``DecoderForCausalLM.forward``: (T,) ids and positions in, (T, hidden) bf16 out."""
+        if kv_caches is not self._caches:
+            self._bind(kv_caches)
+        if meta.block_size != self._desc.block_size:
+            raise ValueError(f"metadata block_size {meta.block_size} != cache block size {self._desc.block_size}")
+        num_tokens = input_ids.shape[0]
+        cos, sin = self._rotary.cos_sin(positions, torch.bfloat16)  # (T, D) each
+        input_ids = input_ids.contiguous()
+        slots = meta.slot_mapping.contiguous()
+        tables = meta.block_tables.contiguous()
+        query_start = torch.tensor(meta.query_start_loc, dtype=torch.int32)
+        seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int32)
+        batch = _Batch(tokens=input_ids.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), slots=slots.data_ptr(),
+                       query_start=query_start.data_ptr(), seq_lens=seq_lens.data_ptr(),
+                       block_tables=tables.data_ptr(), T=num_tokens, S=len(meta.seq_lens),
+                       max_blocks=tables.shape[1])
+        out = torch.empty((num_tokens, self._hidden), dtype=torch.bfloat16)
+        if num_tokens:
+            rc = self._fn(self._address, ctypes.addressof(batch), out.data_ptr())
+            if rc == -1:
+                raise MemoryError(f"native forward of {num_tokens} tokens: out of memory")
+            if rc == -3:
+                raise IndexError(f"a token id is outside the vocabulary ({self._desc.vocab})")
+            if rc != 0:
+                raise RuntimeError(f"native forward failed with code {rc}")
+        return out

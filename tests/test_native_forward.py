@@ -1,0 +1,110 @@
+"""The native whole-stack forward (fabrik/kernels/forward.py, csrc/forward.c) against the modules' forward.
+
+Both paths use the same packed weights and round to bf16 at the same points, so whole prompts and chunks must give
+bit-identical hidden states (the prefill attention sums in the same order here); decode steps differ only by the
+attention's summation order and must stay as close to a float32 reference as the module path is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fabrik.kernels import apply_kernels, select_backend
+from fabrik.loader import load_model
+from fabrik.model_config import load_model_config
+from fabrik.models.attention import AttentionMetadata
+
+BLOCK = 4
+NUM_BLOCKS = 48
+
+
+@pytest.fixture(scope="module")
+def backend():
+    backend = select_backend("auto")
+    if backend.name == "torch":
+        pytest.skip("no native kernels on this CPU")
+    return backend
+
+
+class _Pair:
+    """One checkpoint run three ways over separate caches with the same (shuffled) block tables."""
+
+    def __init__(self, path, backend, quantization=None):
+        self.config = config = load_model_config(path)
+        self.fused = apply_kernels(load_model(path, config, torch.bfloat16), backend, quantization)
+        self.modules = apply_kernels(load_model(path, config, torch.bfloat16), backend, quantization,
+                                     native_forward=False)
+        self.float32 = load_model(path, config, torch.float32)
+        assert self.fused.native_forward is not None and self.modules.native_forward is None
+        shape = (2, NUM_BLOCKS, BLOCK, config.num_key_value_heads, config.head_dim)
+        self.caches = {name: [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+                       for name, dtype in (("fused", torch.bfloat16), ("modules", torch.bfloat16),
+                                           ("float32", torch.float32))}
+        self.tables = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(0)).view(3, -1)
+
+    def step(self, chunks: list[tuple[int, int, list[int]]]) -> dict[str, torch.Tensor]:
+        """Runs (sequence, start position, new tokens) chunks as one batch; returns each path's hidden states."""
+        ids, pos, slots, starts, lens = [], [], [], [0], []
+        for seq, start, tokens in chunks:
+            positions = range(start, start + len(tokens))
+            ids += tokens
+            pos += positions
+            slots += [int(self.tables[seq][p // BLOCK]) * BLOCK + p % BLOCK for p in positions]
+            starts.append(len(ids))
+            lens.append(start + len(tokens))
+        meta = AttentionMetadata(torch.tensor(slots), tuple(starts), tuple(lens),
+                                 self.tables[[c[0] for c in chunks]].contiguous(), BLOCK)
+        out = {}
+        with torch.inference_mode():
+            for name, model in (("fused", self.fused), ("modules", self.modules), ("float32", self.float32)):
+                out[name] = model(torch.tensor(ids), torch.tensor(pos), self.caches[name], meta).float()
+        return out
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_ckpt", "qwen3_untied_ckpt", "qwen2_ckpt", "llama_ckpt"])
+def test_prefill_and_chunks_are_bit_identical_decode_is_as_close(backend, request, kind):
+    pair = _Pair(request.getfixturevalue(kind), backend)
+    a, b = _tokens(30, 1), _tokens(9, 2)
+    steps = [
+        [(0, 0, a)],                                  # a whole prompt
+        [(1, 0, b[:5])],                              # first chunk of another
+        [(0, 30, [7]), (1, 5, b[5:])],                # a decode token beside the last chunk
+    ]
+    for chunks in steps:
+        out = pair.step(chunks)
+        if kind == "qwen3_untied_ckpt":  # head_dim 32: SDPA may block the sums differently, stay within bf16 steps
+            assert (out["fused"] - out["modules"]).abs().max() <= 0.125
+        else:
+            assert torch.equal(out["fused"], out["modules"]), chunks
+    worst = {"fused": 0.0, "modules": 0.0}
+    for i in range(8):  # decode steps of both sequences
+        out = pair.step([(0, 31 + i, [8 + i]), (1, 9 + i, [9 + i])])
+        for name in worst:
+            worst[name] = max(worst[name], (out[name] - out["float32"]).abs().max().item())
+    assert worst["fused"] <= 1.5 * worst["modules"] + 0.02, worst
+
+
+def test_int8_layers_match_their_modules(backend, qwen3_ckpt):
+    pair = _Pair(qwen3_ckpt, backend, "int8")
+    out = pair.step([(0, 0, _tokens(20, 3)), (1, 0, _tokens(6, 4))])
+    assert torch.equal(out["fused"], out["modules"])
+
+
+def test_not_used_where_it_cannot_run(backend, qwen3_ckpt):
+    config = load_model_config(qwen3_ckpt)
+    int8_float32 = apply_kernels(load_model(qwen3_ckpt, config, torch.float32), backend, "int8")
+    assert int8_float32.native_forward is None  # float32 activations: module by module
+    torch_bf16 = apply_kernels(load_model(qwen3_ckpt, config, torch.bfloat16), "torch", "int8")
+    assert torch_bf16.native_forward is None
+
+
+def test_rejects_token_ids_outside_the_vocabulary(backend, qwen3_ckpt):
+    pair = _Pair(qwen3_ckpt, backend)
+    with pytest.raises(IndexError):
+        pair.fused(torch.tensor([pair.config.vocab_size]), torch.tensor([0]), pair.caches["fused"],
+                   AttentionMetadata(torch.tensor([0]), (0, 1), (1,), pair.tables[:1].contiguous(), BLOCK))
