@@ -122,36 +122,115 @@ static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
     return sum;
 }
 
-/* The G query heads of KV head `kvh` for batch token t of sequence s: causal attention over the sequence's cached
- * positions 0..pos(t), read through its block table, softmax kept online (running max m and sum l per head). */
-static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const uint16_t *q,
-                   uint16_t *out, int t, int s, int kvh) {
-    int D = M->head_dim, G = M->n_heads / M->n_kv_heads, bs = M->block_size;
-    long kv_stride = (long)M->n_kv_heads * D;                     /* between consecutive tokens of the cache */
-    long v_offset = (long)M->num_blocks * bs * kv_stride;         /* V half of the cache */
-    int q_len = B->query_start[s + 1] - B->query_start[s];
-    int n_keys = B->seq_lens[s] - q_len + (t - B->query_start[s]) + 1;
-    const int64_t *table = B->block_tables + (long)s * B->max_blocks;
+/* Where one attention work item reads: the G query heads of KV head `kvh` for batch token t of sequence s, over
+ * the sequence's cached positions 0..pos(t) through its block table. */
+typedef struct {
+    const uint16_t *q;     /* (G, D) bf16 queries */
+    uint16_t *out;         /* (G, D) bf16 output */
+    const uint16_t *k0;    /* K of cache slot 0 for this KV head; V is k0 + v_offset */
+    const int64_t *table;  /* the sequence's block ids */
+    long kv_stride;        /* elements between consecutive cache tokens */
+    long v_offset;
+    int n_keys, G, D, bs;
+    float scale;
+} attn_item;
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_AVX512_ATTENTION 1
+
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* AVX-512 path for D a multiple of 32 and at most 256: q.k by vdpbf16ps (exact bf16 products, fp32 sums), the
+ * running output of each head in registers while a chunk of keys streams through. */
+static void attend_avx512(const attn_item *it) {
+    int G = it->G, D = it->D, bs = it->bs, nd = D / 16;
+    float acc[MAX_GROUP][MAX_HEAD_DIM] __attribute__((aligned(64))), m[MAX_GROUP], l[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        memset(acc[g], 0, (size_t)D * 4);
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
+        const uint16_t *K = it->k0 + it->table[t0 / bs] * bs * it->kv_stride;
+        const uint16_t *V = K + it->v_offset;
+        int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
+        for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
+            int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
+            float sc[MAX_GROUP][KEY_CHUNK];
+            for (int i = 0; i < cn; i++) {
+                const uint16_t *kr = K + (c0 + i) * it->kv_stride;
+                /* Rows of one head are 1/Hkv of each cache token: strided reads the hardware prefetcher misses. */
+                const char *kn = (const char *)(kr + 8 * it->kv_stride), *vn = (const char *)(kr + it->v_offset);
+                for (int b = 0; b < D * 2; b += 64) {
+                    _mm_prefetch(kn + b, _MM_HINT_T0);
+                    _mm_prefetch(vn + b, _MM_HINT_T0);
+                }
+                for (int g = 0; g < G; g++) {
+                    const uint16_t *qh = it->q + (long)g * D;
+                    __m512 a = _mm512_setzero_ps();
+                    for (int d = 0; d < D; d += 32)
+                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qh + d),
+                                             (__m512bh)_mm512_loadu_si512(kr + d));
+                    sc[g][i] = _mm512_reduce_add_ps(a) * it->scale;
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                float mx = m[g];
+                for (int i = 0; i < cn; i++) mx = sc[g][i] > mx ? sc[g][i] : mx;
+                if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
+                    float r = fexp(m[g] - mx);
+                    l[g] *= r;
+                    for (int d = 0; d < D; d++) acc[g][d] *= r;
+                    m[g] = mx;
+                }
+                for (int i = 0; i < cn; i++) {
+                    sc[g][i] = fexp(sc[g][i] - mx);
+                    l[g] += sc[g][i];
+                }
+            }
+            for (int dc = 0; dc < nd; dc++) {
+                for (int g = 0; g < G; g++) {
+                    __m512 a = _mm512_load_ps(acc[g] + dc * 16);
+                    for (int i = 0; i < cn; i++)
+                        a = _mm512_fmadd_ps(_mm512_set1_ps(sc[g][i]), load16_bf16(V + (c0 + i) * it->kv_stride + dc * 16),
+                                            a);
+                    _mm512_store_ps(acc[g] + dc * 16, a);
+                }
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float inv = 1.0f / l[g];
+        for (int d = 0; d < D; d++) it->out[(long)g * D + d] = f32_to_bf16(acc[g][d] * inv);
+    }
+}
+#endif
+
+/* Portable path: the same online softmax in plain C (vectorized by the compiler where it can). */
+static void attend_generic(const attn_item *it) {
+    int G = it->G, D = it->D, bs = it->bs;
     float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], m[MAX_GROUP], l[MAX_GROUP];
     for (int g = 0; g < G; g++) {
-        const uint16_t *qh = q + ((long)t * M->n_heads + (long)kvh * G + g) * D;
         for (int d = 0; d < D; d++) {
-            qf[g][d] = bf16_to_f32(qh[d]);
+            qf[g][d] = bf16_to_f32(it->q[(long)g * D + d]);
             acc[g][d] = 0.0f;
         }
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
-    for (int t0 = 0; t0 < n_keys; t0 += bs) {
-        const uint16_t *K = Ly->kv_cache + table[t0 / bs] * bs * kv_stride + (long)kvh * D;
-        const uint16_t *V = K + v_offset;
-        int n = n_keys - t0 < bs ? n_keys - t0 : bs;
+    for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
+        const uint16_t *K = it->k0 + it->table[t0 / bs] * bs * it->kv_stride;
+        const uint16_t *V = K + it->v_offset;
+        int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
         for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
             int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
             for (int g = 0; g < G; g++) {
                 float sc[KEY_CHUNK], mx = m[g];
                 for (int i = 0; i < cn; i++) {
-                    sc[i] = dot_bf16(qf[g], K + (c0 + i) * kv_stride, D) * M->scale;
+                    sc[i] = dot_bf16(qf[g], K + (c0 + i) * it->kv_stride, D) * it->scale;
                     mx = sc[i] > mx ? sc[i] : mx;
                 }
                 if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
@@ -162,7 +241,7 @@ static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_b
                 }
                 for (int i = 0; i < cn; i++) sc[i] = fexp(sc[i] - mx);
                 for (int i = 0; i < cn; i++) {
-                    const uint16_t *vr = V + (c0 + i) * kv_stride;
+                    const uint16_t *vr = V + (c0 + i) * it->kv_stride;
                     l[g] += sc[i];
                     for (int d = 0; d < D; d++) acc[g][d] += sc[i] * bf16_to_f32(vr[d]);
                 }
@@ -170,10 +249,32 @@ static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_b
         }
     }
     for (int g = 0; g < G; g++) {
-        uint16_t *o = out + ((long)t * M->n_heads + (long)kvh * G + g) * D;
         float inv = 1.0f / l[g];
-        for (int d = 0; d < D; d++) o[d] = f32_to_bf16(acc[g][d] * inv);
+        for (int d = 0; d < D; d++) it->out[(long)g * D + d] = f32_to_bf16(acc[g][d] * inv);
     }
+}
+
+static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const uint16_t *q,
+                   uint16_t *out, int t, int s, int kvh) {
+    int D = M->head_dim, G = M->n_heads / M->n_kv_heads;
+    int q_len = B->query_start[s + 1] - B->query_start[s];
+    attn_item it = {
+        .q = q + ((long)t * M->n_heads + (long)kvh * G) * D,
+        .out = out + ((long)t * M->n_heads + (long)kvh * G) * D,
+        .k0 = Ly->kv_cache + (long)kvh * D,
+        .table = B->block_tables + (long)s * B->max_blocks,
+        .kv_stride = (long)M->n_kv_heads * D,
+        .v_offset = (long)M->num_blocks * M->block_size * M->n_kv_heads * D,
+        .n_keys = B->seq_lens[s] - q_len + (t - B->query_start[s]) + 1,
+        .G = G, .D = D, .bs = M->block_size, .scale = M->scale,
+    };
+#ifdef HAVE_AVX512_ATTENTION
+    if (D % 32 == 0 && D <= 256) {
+        attend_avx512(&it);
+        return;
+    }
+#endif
+    attend_generic(&it);
 }
 
 static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t *x, int T, uint16_t *out) {
