@@ -1,5 +1,5 @@
-"""Native linear kernels: each kernel against torch on odd shapes, the int8 format against its own reference, the
-backend switch and its fallbacks, and a whole model run through the engine on each backend."""
+"""Native linear kernels: each kernel against torch on odd shapes, the int8 and int4 formats against their own
+reference, the backend switch and its fallbacks, and a whole model run through the engine on each backend."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fabrik.kernels as kernels
 from fabrik import LLM, SamplingParams
 from fabrik.kernels import KernelBackend, NativeBackend, TorchBackend, apply_kernels, select_backend
-from fabrik.kernels.linear import GROUP, int8_reference, quantize_int8
+from fabrik.kernels.linear import GROUP, int8_reference, quantize_int4, quantize_int8
 from fabrik.kernels.native import ISA_AVX2, ISA_AVX512, KernelBuildError, best_isa, build, cpu_flags
 
 BEST_ISA = best_isa(cpu_flags())
@@ -80,24 +80,48 @@ def test_int8_quantization_round_trip():
     assert bool(((deq - w).abs() <= bound).all()), f"largest error {float((deq - w).abs().max()):.3e}"
 
 
+def test_int4_quantization_round_trip():
+    w = torch.randn(37, 70) * torch.logspace(-3, 1, 70)
+    w[0, :32] = -w[0, :32].abs()  # a group whose largest magnitude is negative: scale > 0
+    q, scale = quantize_int4(w)
+    assert q.shape == (37, 128) and scale.shape == (37, 4) and scale.dtype == torch.float16
+    assert int(q.min()) >= -8 and int(q.max()) <= 7 and not q[:, 70:].any()
+    deq = (q.float().view(37, 4, GROUP) * scale.float()[..., None]).view(37, 128)[:, :70]
+    # Half a step of rounding, or one whole step where +8 was clipped to 7 (a weight near minus the extreme).
+    steps = torch.where(q[:, :70] == 7, 1.0, 0.5)
+    bound = scale.float().abs().repeat_interleave(GROUP, dim=1)[:, :70] * steps * (1 + 1e-2)
+    assert bool(((deq - w).abs() <= bound).all()), f"largest error {float((deq - w).abs().max()):.3e}"
+    # Q4_0's rule: the largest magnitude of each group is q = -8 exactly (up to the fp16 rounding of its scale).
+    groups = w[:, :64].reshape(37, 2, GROUP)
+    picked = q[:, :64].reshape(37, 2, GROUP).gather(-1, groups.abs().argmax(-1, keepdim=True))
+    assert bool((picked == -8).all())
+
+
+# int4 rounds each weight by up to half of 1/8 of its group's largest magnitude: the error bound is ~16x int8's.
+_QUANT_BOUNDS = {"int8": (quantize_int8, 3e-2), "int4": (quantize_int4, 3e-1)}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_int8_matches_reference(native, n, k):
+def test_quantized_matches_reference(native, fmt, n, k):
+    quantize, bound = _QUANT_BOUNDS[fmt]
     for m in BATCHES:
         w, b, x = _case(n, k, m, seed=7 * n + k + m, bias=m % 2 == 0)
-        q, scale = quantize_int8(w)
+        q, scale = quantize(w)
         expected = int8_reference(x, q, scale, b)
-        ours = native.linear(w, b, "int8", out_dtype=torch.float32)(x)
+        ours = native.linear(w, b, fmt, out_dtype=torch.float32)(x)
         err = _rel_err(ours, expected)
-        assert err <= 1e-5, f"M={m} N={n} K={k}: int8 vs its reference: relative error {err:.2e} > 1e-5"
+        assert err <= 1e-5, f"M={m} N={n} K={k}: {fmt} vs its reference: relative error {err:.2e} > 1e-5"
         unquantized = F.linear(x.double(), w.double(), None if b is None else b.double())
-        err = _rel_err(native.linear(w, b, "int8")(x), unquantized)  # bf16 out
-        assert err <= 3e-2, f"M={m} N={n} K={k}: int8 vs unquantized: relative error {err:.2e} > 3e-2"
+        err = _rel_err(native.linear(w, b, fmt)(x), unquantized)  # bf16 out
+        assert err <= bound, f"M={m} N={n} K={k}: {fmt} vs unquantized: relative error {err:.2e} > {bound}"
 
 
-def test_torch_int8_matches_reference():
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_torch_quantized_matches_reference(fmt):
     w, b, x = _case(70, 100, 5, seed=3)
-    q, scale = quantize_int8(w)
-    ours = TorchBackend().linear(w, b, "int8", out_dtype=torch.float32)(x)
+    q, scale = _QUANT_BOUNDS[fmt][0](w)
+    ours = TorchBackend().linear(w, b, fmt, out_dtype=torch.float32)(x)
     err = _rel_err(ours, int8_reference(x, q, scale, b))
     assert err <= 1e-5, f"relative error {err:.2e} > 1e-5"
 
@@ -214,19 +238,24 @@ def _prefill_logits(model, config, ids: list[int]) -> torch.Tensor:
         return model.compute_logits(model(torch.tensor(ids), torch.arange(n), caches, meta))
 
 
+# This tiny random model (hidden 64) is hard on quantization: int8 lands at ~3.5% / 96%, int4 at ~42% / 43% (its step
+# is 16x coarser); a wrong nibble or scale would give ~100% and chance agreement (0.2%).
+@pytest.mark.parametrize("quantization,max_err,min_top1", [("int8", 5e-2, 0.9), ("int4", 6e-1, 0.3)])
 @pytest.mark.parametrize("backend", [*NATIVE_NAMES, "torch"])
-def test_model_int8_close_to_float32(backend, qwen3_ckpt):
+def test_model_quantized_close_to_float32(backend, qwen3_ckpt, quantization, max_err, min_top1):
     from fabrik.loader import load_model
     from fabrik.model_config import load_model_config
 
     config = load_model_config(qwen3_ckpt)
     ids = _prompts()[-1]
     reference = _prefill_logits(load_model(qwen3_ckpt, config, torch.float32), config, ids)  # (T, vocab)
-    quantized = apply_kernels(load_model(qwen3_ckpt, config, torch.float32), backend, "int8")
+    quantized = apply_kernels(load_model(qwen3_ckpt, config, torch.float32), backend, quantization)
     logits = _prefill_logits(quantized, config, ids)
     err = _rel_err(logits, reference)
     top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    assert err <= 5e-2 and top1 >= 0.9, f"int8 model: logit error {err:.2e} of the largest, top-1 agreement {top1:.0%}"
+    print(f"{quantization} on {backend}: logit error {err:.2e} of the largest, top-1 agreement {top1:.0%}")
+    assert err <= max_err and top1 >= min_top1, \
+        f"{quantization} model: logit error {err:.2e} of the largest, top-1 agreement {top1:.0%}"
 
 
 def test_torch_backend_leaves_model_alone(qwen3_ckpt):
@@ -239,7 +268,7 @@ def test_torch_backend_leaves_model_alone(qwen3_ckpt):
     assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
 
 
-@pytest.mark.parametrize("quantization", [None, "int8"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_engine_properties_hold_on_the_native_path(qwen3_ckpt, quantization):
     """Batch equals single and prefix cache on equals off, with the native kernels doing the matmuls."""
     backend = select_backend("auto")

@@ -27,7 +27,7 @@ from fabrik.kernels.native import ISA_AVX2, ISA_AVX512, KernelBuildError, best_i
 logger = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("auto", "native", "native-avx512", "native-avx2", "torch")
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "int4")
 ENV_VAR = "FABRIK_KERNELS"
 
 
@@ -44,7 +44,8 @@ class KernelBackend(ABC):
         Args:
             weight: (N, K) float32 or bfloat16; native modules keep a packed copy, not this tensor.
             bias: (N,) or None.
-            quantization: None (bf16 weights) or "int8" (symmetric, groups of 32 along K).
+            quantization: None (bf16 weights), "int8" (symmetric, groups of 32 along K) or "int4" (groups of 32,
+                llama.cpp's Q4_0 rule).
             out_dtype: Output dtype; None means the input's.
         """
 
@@ -59,8 +60,8 @@ class TorchBackend(KernelBackend):
         from fabrik.kernels.linear import TorchInt8Linear
 
         _check_quantization(quantization)
-        if quantization == "int8":
-            return TorchInt8Linear(weight, bias, out_dtype)
+        if quantization is not None:
+            return TorchInt8Linear(weight, bias, out_dtype, fmt=quantization)
         module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         module.weight = nn.Parameter(weight.detach(), requires_grad=False)
         if bias is not None:
@@ -82,7 +83,7 @@ class NativeBackend(KernelBackend):
         from fabrik.kernels.linear import NativeLinear
 
         _check_quantization(quantization)
-        fmt = "int8" if quantization == "int8" else "bf16"
+        fmt = quantization or "bf16"
         return NativeLinear(self.library, weight, bias, fmt, self.isa, self.num_threads, out_dtype)
 
 
@@ -151,7 +152,8 @@ def apply_kernels(model: nn.Module, backend: KernelBackend | str | None = None,
     Args:
         model: A loaded model (weights materialized, eval mode).
         backend: A backend, a name for ``select_backend``, or None for ``$FABRIK_KERNELS``.
-        quantization: None or "int8" (weights quantized now, at load).
+        quantization: None, "int8" or "int4" (weights quantized now, at load). With int4 the LM head is int8: it is a
+            quarter of the weights and the most sensitive to rounding (llama.cpp keeps it at 6+ bits in Q4_0 too).
         native_forward: On a native backend, also run the whole decoder stack in one native call per step
             (``fabrik.kernels.forward``) when the model allows it (bf16 decoder); False keeps the modules' forward.
 
@@ -175,7 +177,8 @@ def apply_kernels(model: nn.Module, backend: KernelBackend | str | None = None,
                     release_mapped_pages([child.weight])
         if head is not None:
             weight, bias = head
-            model.lm_head_kernel = backend.linear(weight, bias, quantization, out_dtype=torch.float32)
+            head_quantization = "int8" if quantization == "int4" else quantization
+            model.lm_head_kernel = backend.linear(weight, bias, head_quantization, out_dtype=torch.float32)
             # A tied table stays the input embedding, but only a few rows of it are read per step.
             release_mapped_pages([weight])
             if getattr(model, "lm_head", None) is not None:

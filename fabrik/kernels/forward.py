@@ -20,7 +20,7 @@ from fabrik.kernels.linear import NativeLinear
 from fabrik.kernels.native import NativeLibrary
 from fabrik.models.attention import AttentionMetadata
 
-FMT_CODES = {"bf16": 0, "int8": 1}
+FMT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
 _MAX_GROUP = 16
 _MAX_HEAD_DIM = 512
 
@@ -29,7 +29,7 @@ class _Layer(ctypes.Structure):
     """Mirror of ``fabrik_layer`` in csrc/forward.c."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "q", "k", "v", "o", "gate", "up", "down", "input_norm", "post_norm", "q_norm", "k_norm", "kv_cache")]
+        "qkv", "o", "gate_up", "down", "input_norm", "post_norm", "q_norm", "k_norm", "kv_cache")]
 
 
 class _Model(ctypes.Structure):
@@ -75,6 +75,8 @@ def native_forward_unsupported(model: nn.Module) -> str | None:
                        mlp.down_proj):
             if not isinstance(module, NativeLinear):
                 return f"{type(module).__name__} projection"
+            if module.out_features % 16:
+                return f"a projection of {module.out_features} outputs (not a multiple of 16)"
             formats.add(module.fmt)
         norms = (layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm)
         if any(n is not None and n.weight.dtype != torch.bfloat16 for n in norms):
@@ -101,13 +103,16 @@ class NativeForward:
         self._rotary = inner.rotary
         layers = inner.layers
         self._layers = (_Layer * len(layers))()
-        fmt = "bf16"
+        fmt = layers[0].self_attn.q_proj.fmt
+        # q/k/v and gate/up run as one projection each: one call, one long weight stream (the modules share it).
+        self._joint: list[NativeLinear] = []
         for desc, layer in zip(self._layers, layers):
             attn, mlp = layer.self_attn, layer.mlp
-            for field, module in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
-                                  ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)):
-                setattr(desc, field, module._address)
-                fmt = module.fmt
+            qkv = NativeLinear.concatenated([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up = NativeLinear.concatenated([mlp.gate_proj, mlp.up_proj])
+            self._joint += [qkv, gate_up]
+            desc.qkv, desc.o, desc.gate_up, desc.down = qkv._address, attn.o_proj._address, gate_up._address, \
+                mlp.down_proj._address
             desc.input_norm = _ptr(layer.input_layernorm.weight)
             desc.post_norm = _ptr(layer.post_attention_layernorm.weight)
             desc.q_norm = _ptr(attn.q_norm.weight) if attn.q_norm is not None else None

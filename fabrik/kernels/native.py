@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY_NAME = "libfabrik_kernels.so"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 ISA_AVX512 = 1
 """AVX-512 F/BW/VL + BF16 + VNNI kernels (``isa`` field of the C layer descriptor)."""
@@ -68,6 +68,8 @@ class NativeLibrary:
     """int (descriptor*, x*, M, out*, flags) -> 0, or -1 when out of memory."""
     linear_int8: ctypes._CFuncPtr
     """Same signature as ``linear_bf16``, for int8-packed layers."""
+    linear_int4: ctypes._CFuncPtr
+    """Same signature as ``linear_bf16``, for int4-packed layers."""
     stream_read: ctypes._CFuncPtr
     """uint64 (data*, nbytes, nthreads): sums the bytes' 64-bit words; the bandwidth reference."""
     forward: ctypes._CFuncPtr
@@ -160,7 +162,7 @@ def _load(path: Path) -> NativeLibrary:
         raise KernelBuildError(f"{path} has ABI version {cdll.fabrik_abi_version()}, expected {ABI_VERSION}")
     call = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
     functions = {}
-    for name in ("linear_bf16", "linear_int8"):
+    for name in ("linear_bf16", "linear_int8", "linear_int4"):
         fn = getattr(cdll, f"fabrik_{name}")
         fn.argtypes = call
         fn.restype = ctypes.c_int

@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define FABRIK_ABI_VERSION 2
+#define FABRIK_ABI_VERSION 3
 
 #define ISA_AVX512 1
 #define ISA_AVX2 2
@@ -29,6 +29,7 @@ typedef struct {
 
 int fabrik_linear_bf16(const fabrik_linear *L, const void *x, int M, void *out, int flags);
 int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags);
+int fabrik_linear_int4(const fabrik_linear *L, const void *x, int M, void *out, int flags);
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;

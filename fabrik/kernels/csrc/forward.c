@@ -3,10 +3,10 @@
  * fabrik/kernels/forward.py fills the descriptors once; each step passes the batch (new tokens, rotary tables, KV
  * slots, block tables) and gets the final-normed hidden states back. Per layer:
  *
- *     h = rmsnorm(x [+ residual])          q, k, v = h Wq, h Wk, h Wv      (native linears, bf16 out)
+ *     h = rmsnorm(x [+ residual])          [q | k | v] = h [Wq | Wk | Wv]   (native linears, bf16 out)
  *     q, k = rope(qk_norm(q, k))           K/V cache[slot] = k, v
  *     a = paged_attention(q)                x = x + a Wo;  h = rmsnorm(x)
- *     m = silu(h Wgate) * (h Wup)          residual = m Wdown            (added by the next layer's norm)
+ *     m = silu(h Wgate) * (h Wup)          residual = m Wdown              (added by the next layer's norm)
  *
  * Numerics follow the torch modules of fabrik/models (themselves Hugging Face's): every op rounds to bf16 where the
  * torch op would, so the two paths agree to the last bit except in reduction order (norm sums, attention).
@@ -20,13 +20,17 @@
 
 #define FMT_BF16 0
 #define FMT_INT8 1
+#define FMT_INT4 2
 #define LANES 16       /* fp32 partial sums: one AVX-512 register (two AVX2 ones) */
 #define KEY_CHUNK 32   /* keys scored at a time between softmax rescales */
 #define MAX_GROUP 16   /* query heads per KV head */
 #define MAX_HEAD_DIM 512
 
 typedef struct {
-    const fabrik_linear *q, *k, *v, *o, *gate, *up, *down;
+    const fabrik_linear *qkv;     /* q, k, v projections side by side: output row = [q | k | v] */
+    const fabrik_linear *o;
+    const fabrik_linear *gate_up; /* output row = [gate | up] */
+    const fabrik_linear *down;
     const uint16_t *input_norm, *post_norm; /* (hidden,) bf16 */
     const uint16_t *q_norm, *k_norm;        /* (head_dim,) bf16, NULL without per-head norms */
     uint16_t *kv_cache;                     /* (2, num_blocks, block_size, n_kv_heads, head_dim) bf16 */
@@ -254,12 +258,12 @@ static void attend_generic(const attn_item *it) {
     }
 }
 
-static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const uint16_t *q,
-                   uint16_t *out, int t, int s, int kvh) {
+static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const uint16_t *qkv,
+                   long qkv_row, uint16_t *out, int t, int s, int kvh) {
     int D = M->head_dim, G = M->n_heads / M->n_kv_heads;
     int q_len = B->query_start[s + 1] - B->query_start[s];
     attn_item it = {
-        .q = q + ((long)t * M->n_heads + (long)kvh * G) * D,
+        .q = qkv + t * qkv_row + (long)kvh * G * D,
         .out = out + ((long)t * M->n_heads + (long)kvh * G) * D,
         .k0 = Ly->kv_cache + (long)kvh * D,
         .table = B->block_tables + (long)s * B->max_blocks,
@@ -278,43 +282,48 @@ static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_b
 }
 
 static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t *x, int T, uint16_t *out) {
-    return M->fmt == FMT_INT8 ? fabrik_linear_int8(L, x, T, out, X_BF16 | OUT_BF16)
-                              : fabrik_linear_bf16(L, x, T, out, X_BF16 | OUT_BF16);
+    int flags = X_BF16 | OUT_BF16;
+    return M->fmt == FMT_INT8   ? fabrik_linear_int8(L, x, T, out, flags)
+           : M->fmt == FMT_INT4 ? fabrik_linear_int4(L, x, T, out, flags)
+                                : fabrik_linear_bf16(L, x, T, out, flags);
 }
 
 static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const int32_t *seq_of,
-                         uint16_t *x, uint16_t *h, uint16_t *q, uint16_t *k, uint16_t *v, uint16_t *a, uint16_t *gt,
-                         uint16_t *up, const uint16_t *residual) {
+                         uint16_t *x, uint16_t *h, uint16_t *qkv, uint16_t *a, uint16_t *gu, uint16_t *act,
+                         const uint16_t *residual) {
     int T = B->T, D = M->head_dim, Hq = M->n_heads, Hkv = M->n_kv_heads, I = M->intermediate;
-    long kv_row = (long)Hkv * D;
+    long kv_row = (long)Hkv * D, q_row = (long)Hq * D, qkv_row = q_row + 2 * kv_row;
     rmsnorm_rows(M, x, residual, Ly->input_norm, T, h);
-    if (linear(M, Ly->q, h, T, q) || linear(M, Ly->k, h, T, k) || linear(M, Ly->v, h, T, v)) return -1;
+    if (linear(M, Ly->qkv, h, T, qkv)) return -1;
 #pragma omp parallel for num_threads(M->nthreads) if (T >= 4) schedule(static)
     for (int t = 0; t < T; t++) {
         const uint16_t *cos = B->cos + (long)t * D, *sin = B->sin + (long)t * D;
-        for (int hh = 0; hh < Hq; hh++) norm_rope_head(q + ((long)t * Hq + hh) * D, Ly->q_norm, M->eps, cos, sin, D);
-        for (int hh = 0; hh < Hkv; hh++)
-            norm_rope_head(k + ((long)t * Hkv + hh) * D, Ly->k_norm, M->eps, cos, sin, D);
+        uint16_t *q = qkv + t * qkv_row, *k = q + q_row, *v = k + kv_row;
+        for (int hh = 0; hh < Hq; hh++) norm_rope_head(q + (long)hh * D, Ly->q_norm, M->eps, cos, sin, D);
+        for (int hh = 0; hh < Hkv; hh++) norm_rope_head(k + (long)hh * D, Ly->k_norm, M->eps, cos, sin, D);
         uint16_t *slot = Ly->kv_cache + B->slots[t] * kv_row;
-        memcpy(slot, k + t * kv_row, kv_row * 2);
-        memcpy(slot + (long)M->num_blocks * M->block_size * kv_row, v + t * kv_row, kv_row * 2);
+        memcpy(slot, k, kv_row * 2);
+        memcpy(slot + (long)M->num_blocks * M->block_size * kv_row, v, kv_row * 2);
     }
     /* Work items are (token, KV head); causal prefill items differ in length, hence dynamic scheduling. */
 #pragma omp parallel for num_threads(M->nthreads) schedule(dynamic, 1)
     for (long item = 0; item < (long)T * Hkv; item++) {
         int t = (int)(item / Hkv);
-        attend(M, Ly, B, q, a, t, seq_of[t], (int)(item % Hkv));
+        attend(M, Ly, B, qkv, qkv_row, a, t, seq_of[t], (int)(item % Hkv));
     }
     if (linear(M, Ly->o, a, T, h)) return -1;
     rmsnorm_rows(M, x, h, Ly->post_norm, T, h);
-    if (linear(M, Ly->gate, h, T, gt) || linear(M, Ly->up, h, T, up)) return -1;
-    long n = (long)T * I;
-#pragma omp parallel for num_threads(M->nthreads) if (n >= 32768) schedule(static)
-    for (long i = 0; i < n; i++) { /* torch: silu in fp32 rounded to bf16, then the product rounded */
-        float g = bf16_to_f32(gt[i]);
-        gt[i] = f32_to_bf16(bmul(g / (1.0f + fexp(-g)), 1.0f) * bf16_to_f32(up[i]));
+    if (linear(M, Ly->gate_up, h, T, gu)) return -1;
+#pragma omp parallel for num_threads(M->nthreads) if ((long)T * I >= 32768) schedule(static)
+    for (int t = 0; t < T; t++) { /* torch: silu in fp32 rounded to bf16, then the product rounded */
+        const uint16_t *g = gu + (long)t * 2 * I, *u = g + I;
+        uint16_t *o = act + (long)t * I;
+        for (int i = 0; i < I; i++) {
+            float gf = bf16_to_f32(g[i]);
+            o[i] = f32_to_bf16(bmul(gf / (1.0f + fexp(-gf)), 1.0f) * bf16_to_f32(u[i]));
+        }
     }
-    return linear(M, Ly->down, gt, T, h);
+    return linear(M, Ly->down, act, T, h);
 }
 
 /* Runs the batch through every layer and the final norm: out (T, hidden) bf16. Returns 0, -1 when out of memory,
@@ -327,18 +336,18 @@ int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) 
     for (int t = 0; t < T; t++)
         if (B->tokens[t] < 0 || B->tokens[t] >= M->vocab) return -3;
     long qd = (long)M->n_heads * M->head_dim, kd = (long)M->n_kv_heads * M->head_dim, I = M->intermediate;
-    long elems = (long)T * (2 * H + 2 * qd + 2 * kd + 2 * I);
+    long elems = (long)T * (2 * H + (qd + 2 * kd) + qd + 3 * I);
     uint16_t *work = (uint16_t *)malloc((size_t)elems * 2 + (size_t)T * 4);
     if (!work) return -1;
-    uint16_t *x = work, *h = x + (long)T * H, *q = h + (long)T * H, *a = q + T * qd, *k = a + T * qd;
-    uint16_t *v = k + T * kd, *gt = v + T * kd, *up = gt + T * I;
-    int32_t *seq_of = (int32_t *)(up + T * I);
+    uint16_t *x = work, *h = x + (long)T * H, *qkv = h + (long)T * H, *a = qkv + T * (qd + 2 * kd);
+    uint16_t *gu = a + T * qd, *act = gu + T * 2 * I;
+    int32_t *seq_of = (int32_t *)(act + T * I);
     for (int s = 0; s < B->S; s++)
         for (int t = B->query_start[s]; t < B->query_start[s + 1]; t++) seq_of[t] = s;
     for (int t = 0; t < T; t++) memcpy(x + (long)t * H, M->embed + B->tokens[t] * H, (size_t)H * 2);
     int rc = 0;
     for (int i = 0; i < M->n_layers && rc == 0; i++)
-        rc = layer_forward(M, &M->layers[i], B, seq_of, x, h, q, k, v, a, gt, up, i ? h : NULL);
+        rc = layer_forward(M, &M->layers[i], B, seq_of, x, h, qkv, a, gu, act, i ? h : NULL);
     if (rc == 0) rmsnorm_rows(M, x, M->n_layers ? h : NULL, M->final_norm, T, out);
     free(work);
     return rc;

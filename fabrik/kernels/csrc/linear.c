@@ -15,6 +15,10 @@
  *         weights are stored as q + 128 (uint8) so that `vpdpbusd` (unsigned x signed) takes them as its unsigned
  *         side; the +128 is removed with 128 * sum(x_q) of the group, which depends on x only.
  *
+ *   int4: the int8 layout with two nibbles per byte, units of 576 bytes: 8 lines of 64 bytes whose low nibbles are
+ *         the int8 layout's group-0 line c and high nibbles its group-1 line c, then the same 64 bytes of scales.
+ *         Stored as q + 8 (q in [-8, 7]); one load and two masks give the two lines the int8 kernel reads.
+ *
  * Threads split the blocks into contiguous ranges, so each thread reads one sequential stream; each loaded weight
  * block is used for up to MT rows of x before moving on (the block stays in L1/L2 for the next MT rows).
  */
@@ -30,7 +34,8 @@
 #define ROWS 16         /* rows per weight block */
 #define GROUP 32        /* int8 quantization group along K */
 #define UNIT_K 64       /* K values per int8 unit (two groups) */
-#define UNIT_BYTES 1088 /* 64 K x 16 rows + 2 x 16 fp16 scales */
+#define UNIT_BYTES 1088 /* int8: 64 K x 16 rows + 2 x 16 fp16 scales */
+#define UNIT_BYTES4 576 /* int4: 64 K x 16 rows / 2 + 2 x 16 fp16 scales */
 
 #define PREFETCH_LINES 16 /* software prefetch distance of the batched tiles, in 64-byte lines */
 
@@ -274,25 +279,37 @@ static void quantize_x(const void *x, int flags, int M, int K, int Kp, quant_x *
     }
 }
 
-INLINE512 void int8_tile_avx512(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
-                                void *out, int flags, int n0) {
+/* BITS 8 or 4 (a constant after inlining): the two formats differ only in how a unit's lines are loaded, where its
+ * scales sit, and the zero point removed (128 or 8 times the group's sum of x_q; corr holds the 128 one). */
+INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
+                                 void *out, int flags, int n0, int BITS) {
     int S = L->kp / UNIT_K, G = L->kp / GROUP;
+    long unit_bytes = BITS == 8 ? UNIT_BYTES : UNIT_BYTES4, data_bytes = unit_bytes - 64;
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
     __m512 facc[6];
 #pragma GCC unroll 6
     for (int i = 0; i < MT; i++) facc[i] = _mm512_setzero_ps();
     for (int s = 0; s < S; s++) {
-        const uint8_t *u = blk + (long)s * UNIT_BYTES;
+        const uint8_t *u = blk + (long)s * unit_bytes;
         __m512i a0[6], a1[6];
 #pragma GCC unroll 6
         for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) {
-            if (MT > 1) {
-                _mm_prefetch((const char *)(u + c * 128 + PREFETCH_LINES * 64), _MM_HINT_T0);
-                _mm_prefetch((const char *)(u + c * 128 + PREFETCH_LINES * 64 + 64), _MM_HINT_T0);
+            __m512i w0, w1;
+            if (BITS == 8) {
+                if (MT > 1) {
+                    _mm_prefetch((const char *)(u + c * 128 + PREFETCH_LINES * 64), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(u + c * 128 + PREFETCH_LINES * 64 + 64), _MM_HINT_T0);
+                }
+                w0 = _mm512_loadu_si512(u + c * 128);
+                w1 = _mm512_loadu_si512(u + c * 128 + 64);
+            } else {
+                if (MT > 1) _mm_prefetch((const char *)(u + c * 64 + PREFETCH_LINES * 64), _MM_HINT_T0);
+                __m512i raw = _mm512_loadu_si512(u + c * 64);
+                w0 = _mm512_and_si512(raw, nibble);
+                w1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
             }
-            __m512i w0 = _mm512_loadu_si512(u + c * 128);
-            __m512i w1 = _mm512_loadu_si512(u + c * 128 + 64);
 #pragma GCC unroll 6
             for (int i = 0; i < MT; i++) {
                 const i32_alias *xq = (const i32_alias *)(qx->q + (long)(m0 + i) * L->kp + s * UNIT_K);
@@ -300,13 +317,14 @@ INLINE512 void int8_tile_avx512(const fabrik_linear *L, const uint8_t *blk, cons
                 a1[i] = _mm512_dpbusd_epi32(a1[i], w1, _mm512_set1_epi32(xq[8 + c]));
             }
         }
-        __m512 sc0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u + 1024)));
-        __m512 sc1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u + 1056)));
+        __m512 sc0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u + data_bytes)));
+        __m512 sc1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u + data_bytes + 32)));
 #pragma GCC unroll 6
         for (int i = 0; i < MT; i++) {
             long gi = (long)(m0 + i) * G + 2 * s;
-            __m512 d0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a0[i], _mm512_set1_epi32(qx->corr[gi])));
-            __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a1[i], _mm512_set1_epi32(qx->corr[gi + 1])));
+            int c0 = BITS == 8 ? qx->corr[gi] : qx->corr[gi] / 16, c1 = BITS == 8 ? qx->corr[gi + 1] : qx->corr[gi + 1] / 16;
+            __m512 d0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a0[i], _mm512_set1_epi32(c0)));
+            __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a1[i], _mm512_set1_epi32(c1)));
             facc[i] = _mm512_fmadd_ps(d0, _mm512_mul_ps(sc0, _mm512_set1_ps(qx->scale[gi])), facc[i]);
             facc[i] = _mm512_fmadd_ps(d1, _mm512_mul_ps(sc1, _mm512_set1_ps(qx->scale[gi + 1])), facc[i]);
         }
@@ -315,52 +333,66 @@ INLINE512 void int8_tile_avx512(const fabrik_linear *L, const uint8_t *blk, cons
     for (int i = 0; i < MT; i++) store16_avx512(L, facc[i], out, flags, m0 + i, n0);
 }
 
-T512 static void int8_run_avx512(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {
-    const uint8_t *W = (const uint8_t *)L->weight;
-    long block_bytes = (long)(L->kp / UNIT_K) * UNIT_BYTES;
-#pragma omp parallel num_threads(L->nthreads)
-    {
-        int b0, b1;
-        thread_blocks(L->nblocks, &b0, &b1);
-        for (int b = b0; b < b1; b++) {
-            const uint8_t *blk = W + b * block_bytes;
-            for (int m = 0; m < M; m += 6) {
-                switch (M - m < 6 ? M - m : 6) {
-                case 1: int8_tile_avx512(L, blk, qx, m, 1, out, flags, b * ROWS); break;
-                case 2: int8_tile_avx512(L, blk, qx, m, 2, out, flags, b * ROWS); break;
-                case 3: int8_tile_avx512(L, blk, qx, m, 3, out, flags, b * ROWS); break;
-                case 4: int8_tile_avx512(L, blk, qx, m, 4, out, flags, b * ROWS); break;
-                case 5: int8_tile_avx512(L, blk, qx, m, 5, out, flags, b * ROWS); break;
-                default: int8_tile_avx512(L, blk, qx, m, 6, out, flags, b * ROWS); break;
-                }
-            }
-        }
+/* One run function per format, so that BITS is a literal inside the OpenMP region (an outlined region would
+ * otherwise receive it as a runtime value and keep both formats' branches in the inner loop). */
+#define QUANT_RUN_AVX512(NAME, BITS)                                                                                  \
+    T512 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {                  \
+        const uint8_t *W = (const uint8_t *)L->weight;                                                              \
+        long block_bytes = (long)(L->kp / UNIT_K) * (BITS == 8 ? UNIT_BYTES : UNIT_BYTES4);                         \
+        _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
+            int b0, b1;                                                                                             \
+            thread_blocks(L->nblocks, &b0, &b1);                                                                    \
+            for (int b = b0; b < b1; b++) {                                                                         \
+                const uint8_t *blk = W + b * block_bytes;                                                           \
+                for (int m = 0; m < M; m += 6) {                                                                    \
+                    switch (M - m < 6 ? M - m : 6) {                                                                \
+                    case 1: quant_tile_avx512(L, blk, qx, m, 1, out, flags, b * ROWS, BITS); break;                 \
+                    case 2: quant_tile_avx512(L, blk, qx, m, 2, out, flags, b * ROWS, BITS); break;                 \
+                    case 3: quant_tile_avx512(L, blk, qx, m, 3, out, flags, b * ROWS, BITS); break;                 \
+                    case 4: quant_tile_avx512(L, blk, qx, m, 4, out, flags, b * ROWS, BITS); break;                 \
+                    case 5: quant_tile_avx512(L, blk, qx, m, 5, out, flags, b * ROWS, BITS); break;                 \
+                    default: quant_tile_avx512(L, blk, qx, m, 6, out, flags, b * ROWS, BITS); break;                \
+                    }                                                                                               \
+                }                                                                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
     }
-}
+
+QUANT_RUN_AVX512(int8_run_avx512, 8)
+QUANT_RUN_AVX512(int4_run_avx512, 4)
 
 /* AVX2: vpmaddwd on zero-extended weights (no VNNI); 4 rows x 4 K per 128-bit piece, pairs summed at group end. */
 INLINE256 __m256i hsum_rows_avx2(__m256i a, __m256i b) { /* (rows 0-3 pairs, rows 4-7 pairs) -> rows 0..7 */
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8);
 }
 
-INLINE256 void int8_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
-                              void *out, int flags, int n0) {
+INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
+                               void *out, int flags, int n0, int BITS) {
     int S = L->kp / UNIT_K, G = L->kp / GROUP;
+    long unit_bytes = BITS == 8 ? UNIT_BYTES : UNIT_BYTES4, data_bytes = unit_bytes - 64;
+    const __m128i nibble = _mm_set1_epi8(0x0f);
     __m256 lo[2], hi[2];
 #pragma GCC unroll 2
     for (int i = 0; i < MT; i++) lo[i] = hi[i] = _mm256_setzero_ps();
     for (int s = 0; s < S; s++) {
-        const uint8_t *u = blk + (long)s * UNIT_BYTES;
+        const uint8_t *u = blk + (long)s * unit_bytes;
         for (int g = 0; g < 2; g++) {
             __m256i acc[2][4];
 #pragma GCC unroll 2
             for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
-                const uint8_t *w = u + c * 128 + g * 64;
                 __m256i w16[4];
 #pragma GCC unroll 4
-                for (int j = 0; j < 4; j++)
-                    w16[j] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + 16 * j)));
+                for (int j = 0; j < 4; j++) {
+                    __m128i piece;
+                    if (BITS == 8) {
+                        piece = _mm_loadu_si128((const __m128i *)(u + c * 128 + g * 64 + 16 * j));
+                    } else {
+                        piece = _mm_loadu_si128((const __m128i *)(u + c * 64 + 16 * j));
+                        piece = _mm_and_si128(g ? _mm_srli_epi16(piece, 4) : piece, nibble);
+                    }
+                    w16[j] = _mm256_cvtepu8_epi16(piece);
+                }
 #pragma GCC unroll 2
                 for (int i = 0; i < MT; i++) {
                     const int8_t *xq = qx->q + (long)(m0 + i) * L->kp + s * UNIT_K + g * GROUP + c * 4;
@@ -370,12 +402,12 @@ INLINE256 void int8_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const 
                     for (int j = 0; j < 4; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w16[j], xv));
                 }
             }
-            __m256 sc_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + 1024 + g * 32)));
-            __m256 sc_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + 1024 + g * 32 + 16)));
+            __m256 sc_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + data_bytes + g * 32)));
+            __m256 sc_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + data_bytes + g * 32 + 16)));
 #pragma GCC unroll 2
             for (int i = 0; i < MT; i++) {
                 long gi = (long)(m0 + i) * G + 2 * s + g;
-                __m256i corr = _mm256_set1_epi32(qx->corr[gi]);
+                __m256i corr = _mm256_set1_epi32(BITS == 8 ? qx->corr[gi] : qx->corr[gi] / 16);
                 __m256 xs = _mm256_set1_ps(qx->scale[gi]);
                 __m256 d_lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][0], acc[i][1]), corr));
                 __m256 d_hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][2], acc[i][3]), corr));
@@ -393,27 +425,29 @@ INLINE256 void int8_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const 
     }
 }
 
-T256 static void int8_run_avx2(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {
-    const uint8_t *W = (const uint8_t *)L->weight;
-    long block_bytes = (long)(L->kp / UNIT_K) * UNIT_BYTES;
-#pragma omp parallel num_threads(L->nthreads)
-    {
-        int b0, b1;
-        thread_blocks(L->nblocks, &b0, &b1);
-        for (int b = b0; b < b1; b++) {
-            const uint8_t *blk = W + b * block_bytes;
-            for (int m = 0; m < M; m += 2) {
-                if (M - m == 1)
-                    int8_tile_avx2(L, blk, qx, m, 1, out, flags, b * ROWS);
-                else
-                    int8_tile_avx2(L, blk, qx, m, 2, out, flags, b * ROWS);
-            }
-        }
+#define QUANT_RUN_AVX2(NAME, BITS)                                                                                    \
+    T256 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {                  \
+        const uint8_t *W = (const uint8_t *)L->weight;                                                              \
+        long block_bytes = (long)(L->kp / UNIT_K) * (BITS == 8 ? UNIT_BYTES : UNIT_BYTES4);                         \
+        _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
+            int b0, b1;                                                                                             \
+            thread_blocks(L->nblocks, &b0, &b1);                                                                    \
+            for (int b = b0; b < b1; b++) {                                                                         \
+                const uint8_t *blk = W + b * block_bytes;                                                           \
+                for (int m = 0; m < M; m += 2) {                                                                    \
+                    if (M - m == 1)                                                                                 \
+                        quant_tile_avx2(L, blk, qx, m, 1, out, flags, b * ROWS, BITS);                              \
+                    else                                                                                            \
+                        quant_tile_avx2(L, blk, qx, m, 2, out, flags, b * ROWS, BITS);                              \
+                }                                                                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
     }
-}
 
-/* y (M, N) = quant(x) (M, K) W^T + b for an int8-packed layer. Returns 0, or -1 if out of memory. */
-int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
+QUANT_RUN_AVX2(int8_run_avx2, 8)
+QUANT_RUN_AVX2(int4_run_avx2, 4)
+
+static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out, int flags, int bits) {
     int Kp = L->kp, G = Kp / GROUP;
     quant_x qx;
     qx.q = (int8_t *)malloc((size_t)M * Kp);
@@ -425,14 +459,24 @@ int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, 
     } else {
         quantize_x(x, flags, M, L->k, Kp, &qx);
         if (L->isa == ISA_AVX512)
-            int8_run_avx512(L, &qx, M, out, flags);
+            (bits == 8 ? int8_run_avx512 : int4_run_avx512)(L, &qx, M, out, flags);
         else
-            int8_run_avx2(L, &qx, M, out, flags);
+            (bits == 8 ? int8_run_avx2 : int4_run_avx2)(L, &qx, M, out, flags);
     }
     free(qx.q);
     free(qx.scale);
     free(qx.corr);
     return rc;
+}
+
+/* y (M, N) = quant(x) (M, K) W^T + b for an int8-packed layer. Returns 0, or -1 if out of memory. */
+int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
+    return quant_linear(L, x, M, out, flags, 8);
+}
+
+/* The same for an int4-packed layer. */
+int fabrik_linear_int4(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
+    return quant_linear(L, x, M, out, flags, 4);
 }
 
 /* Reads n bytes with `nthreads` threads, each one contiguous range (the bandwidth reference of bench/kernels.py). */
