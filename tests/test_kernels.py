@@ -226,11 +226,11 @@ def test_model_native_matches_torch(native, one_thread, request, kind):
 
 def _prefill_logits(model, config, ids: list[int]) -> torch.Tensor:
     """(T, vocab) float32 logits of every position of one prompt, run as a single prefill."""
-    from fabrik.models.attention import AttentionMetadata
+    from fabrik.models.attention import AttentionMetadata, kv_cache_shape
 
     n, block_size = len(ids), 16
     blocks = (n + block_size - 1) // block_size
-    caches = [torch.zeros(2, blocks, block_size, config.num_key_value_heads, config.head_dim)
+    caches = [torch.zeros(kv_cache_shape(config, blocks, block_size))
               for _ in range(config.num_hidden_layers)]
     meta = AttentionMetadata(slot_mapping=torch.arange(n), query_start_loc=(0, n), seq_lens=(n,),
                              block_tables=torch.arange(blocks)[None], block_size=block_size)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from checkpoints import make_checkpoint, read_config, write_config
 from fabrik.loader import load_model, resolve_dtype, resolve_model_path
 from fabrik.model_config import ModelConfig, RopeScaling, load_eos_token_ids, load_model_config
-from fabrik.models.attention import AttentionMetadata
+from fabrik.models.attention import AttentionMetadata, kv_cache_shape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def prefill_logits(model: torch.nn.Module, tokens: list[int], block_size: int = 
     config = model.config
     num_blocks = -(-len(tokens) // block_size)
     dtype = model.model.embed_tokens.weight.dtype
-    caches = [torch.zeros(2, num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype=dtype)
+    caches = [torch.zeros(kv_cache_shape(config, num_blocks, block_size), dtype=dtype)
               for _ in range(config.num_hidden_layers)]
     meta = AttentionMetadata(slot_mapping=torch.arange(len(tokens)), query_start_loc=(0, len(tokens)),
                              seq_lens=(len(tokens),), block_tables=torch.arange(num_blocks)[None, :],

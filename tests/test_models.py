@@ -183,7 +183,7 @@ def test_paged_attention_matches_dense_reference(new: list[int]) -> None:
     num_heads, num_kv_heads, head_dim, block_size, scale = 6, 2, 8, 4, 0.3
     cached = [5, 0, 9]  # a prompt chunk after 5 cached tokens, a whole prompt, a decode after 9
     tables = [[7, 2], [11, 0], [3, 14, 5]]
-    cache = torch.full((2, 16, block_size, num_kv_heads, head_dim), float("nan"))
+    cache = torch.full((2, 16, num_kv_heads, block_size, head_dim), float("nan"))
     keys = [torch.randn(c + n, num_kv_heads, head_dim) for c, n in zip(cached, new)]
     values = [torch.randn(c + n, num_kv_heads, head_dim) for c, n in zip(cached, new)]
     queries = [torch.randn(n, num_heads, head_dim) for n in new]
@@ -192,7 +192,7 @@ def test_paged_attention_matches_dense_reference(new: list[int]) -> None:
         for pos in range(c + n):
             slot = table[pos // block_size] * block_size + pos % block_size
             if pos < c:
-                cache[:, slot // block_size, slot % block_size] = torch.stack([k[pos], v[pos]])
+                cache[:, slot // block_size, :, slot % block_size] = torch.stack([k[pos], v[pos]])
             else:
                 slots.append(slot)
     starts = [0]

@@ -13,10 +13,11 @@ import torch
 from fabrik.kernels import apply_kernels, select_backend
 from fabrik.loader import load_model
 from fabrik.model_config import load_model_config
-from fabrik.models.attention import AttentionMetadata
+from fabrik.models.attention import AttentionMetadata, kv_cache_shape
+from checkpoints import make_checkpoint
 
 BLOCK = 4
-NUM_BLOCKS = 48
+NUM_BLOCKS = 60
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,11 @@ class _Pair:
                                      native_forward=False)
         self.float32 = load_model(path, config, torch.float32)
         assert self.fused.native_forward is not None and self.modules.native_forward is None
-        shape = (2, NUM_BLOCKS, BLOCK, config.num_key_value_heads, config.head_dim)
+        shape = kv_cache_shape(config, NUM_BLOCKS, BLOCK)
         self.caches = {name: [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
                        for name, dtype in (("fused", torch.bfloat16), ("modules", torch.bfloat16),
                                            ("float32", torch.float32))}
-        self.tables = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(0)).view(3, -1)
+        self.tables = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(0)).view(3, -1)  # 20 each
 
     def step(self, chunks: list[tuple[int, int, list[int]]]) -> dict[str, torch.Tensor]:
         """Runs (sequence, start position, new tokens) chunks as one batch; returns each path's hidden states."""
@@ -64,6 +65,34 @@ class _Pair:
 
 def _tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# The fixtures' head_dim 16 / 32 run the portable attention; these shapes run the AVX-512 one (G = query heads per KV
+# head, D = head_dim) where the CPU has it.
+VECTOR_SHAPES = {"g2_d128": dict(head_dim=128), "g1_d64": dict(head_dim=64, num_key_value_heads=4),
+                 "g4_d64": dict(head_dim=64, num_attention_heads=8, num_key_value_heads=2)}
+
+
+@pytest.fixture(scope="module", params=sorted(VECTOR_SHAPES))
+def vector_ckpt(request, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp(request.param), "qwen3", **VECTOR_SHAPES[request.param])
+
+
+def test_vector_attention_is_as_close_as_the_modules(backend, vector_ckpt):
+    """bf16 softmax weights (as torch's flash attention uses) and fp32 sums: within bf16 steps of the modules, and
+    no further from the float32 model than they are."""
+    pair = _Pair(vector_ckpt, backend)
+    a, b = _tokens(45, 5), _tokens(20, 6)  # 45 keys: full and partial 32-key chunks, odd pairs
+    for chunks in ([(0, 0, a)], [(1, 0, b[:13])], [(0, 45, [7]), (1, 13, b[13:])]):
+        out = pair.step(chunks)
+        scale = out["modules"].abs().max()
+        assert (out["fused"] - out["modules"]).abs().max() <= 0.05 * scale, chunks
+    worst = {"fused": 0.0, "modules": 0.0}
+    for i in range(8):
+        out = pair.step([(0, 46 + i, [8 + i]), (1, 20 + i, [9 + i])])
+        for name in worst:
+            worst[name] = max(worst[name], (out[name] - out["float32"]).abs().max().item())
+    assert worst["fused"] <= 1.5 * worst["modules"] + 0.02, worst
 
 
 @pytest.mark.parametrize("kind", ["qwen3_ckpt", "qwen3_untied_ckpt", "qwen2_ckpt", "llama_ckpt"])

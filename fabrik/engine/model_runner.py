@@ -26,7 +26,7 @@ from fabrik.core.scheduler import SchedulerOutput
 from fabrik.kernels import apply_kernels, select_backend
 from fabrik.loader import load_model
 from fabrik.model_config import ModelConfig
-from fabrik.models.attention import AttentionMetadata
+from fabrik.models.attention import AttentionMetadata, kv_cache_shape
 from fabrik.sampling.logprobs import TokenLogprob, compute_logprobs
 from fabrik.sampling.sampler import Sampler, SamplingRow
 
@@ -64,7 +64,7 @@ class ModelRunner:
             backend = select_backend(kernels)
             self.model = apply_kernels(self.model, backend, quantization)
             self.kernel_backend = backend.name
-        shape = (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        shape = kv_cache_shape(config, num_blocks, block_size)
         # Zeroed, not empty: padded attention reads must never meet NaN garbage.
         self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.sampler = Sampler(eos_token_ids)

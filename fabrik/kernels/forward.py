@@ -135,7 +135,7 @@ class NativeForward:
         for cache in kv_caches:
             if cache.dtype != torch.bfloat16 or not cache.is_contiguous() or cache.shape != shape:
                 raise ValueError("KV caches must be contiguous bfloat16 tensors of one shape")
-        _, num_blocks, block_size, num_kv_heads, head_dim = shape
+        _, num_blocks, num_kv_heads, block_size, head_dim = shape
         if (num_kv_heads, head_dim) != (self._desc.n_kv_heads, self._desc.head_dim):
             raise ValueError(f"KV cache shape {tuple(shape)} does not fit the model")
         for desc, cache in zip(self._layers, kv_caches):

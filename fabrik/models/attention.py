@@ -4,7 +4,7 @@ The KV cache of one layer is a single tensor split into fixed-size blocks. A seq
 block table); token ``p`` of the sequence lives in block ``block_table[p // block_size]`` at offset
 ``p % block_size``. Blocks of one sequence need not be contiguous or ordered::
 
-    kv_cache[layer]: (2, num_blocks, block_size, num_kv_heads, head_dim)    index 0 = K, 1 = V
+    kv_cache[layer]: (2, num_blocks, num_kv_heads, block_size, head_dim)    index 0 = K, 1 = V
 
     block table of seq A: [5, 2, 7]     positions  0..3 -> block 5, 4..7 -> block 2, 8..9 -> block 7
                           block 5         block 2         block 7
@@ -14,6 +14,10 @@ Each step feeds every sequence's *new* tokens, flattened into one batch of T tok
 writes their K/V into ``slot_mapping`` slots, then lets each new token attend causally to all of its sequence's
 positions through the block table. The same call serves whole prompts, chunks of a prompt (after earlier chunks or a
 prefix-cache hit) and single decode tokens, mixed in one batch.
+
+Inside a block each KV head's ``block_size`` rows are contiguous (head-major), so attention over one head reads
+whole runs of ``block_size * head_dim`` values instead of one ``head_dim`` slice out of every token's row: at decode,
+reading the cache is as much memory traffic as the weights once a batch holds a few long sequences.
 
 ``paged_attention`` is the only entry point the models call, so a native kernel can replace it without touching them.
 """
@@ -45,18 +49,20 @@ class AttentionMetadata:
 
 
 def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int, int]:
-    """Shape of one layer's KV cache tensor: (2, num_blocks, block_size, num_kv_heads, head_dim)."""
-    return (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    """Shape of one layer's KV cache tensor: (2, num_blocks, num_kv_heads, block_size, head_dim)."""
+    return (2, num_blocks, config.num_key_value_heads, block_size, config.head_dim)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Stores (T, Hkv, D) keys and values into their cache slots in place."""
-    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    _, num_blocks, num_kv_heads, block_size, head_dim = kv_cache.shape
+    # Row of (slot, head) in the (num_blocks * Hkv * block_size, D) view: (block * Hkv + head) * block_size + offset.
+    block, offset = slot_mapping // block_size, slot_mapping % block_size  # (T,)
+    heads = torch.arange(num_kv_heads)  # (Hkv,)
+    rows = ((block[:, None] * num_kv_heads + heads[None, :]) * block_size + offset[:, None]).reshape(-1)  # (T*Hkv,)
     # NOTE: view, not reshape: a reshape that copied would silently drop the write.
-    k_slots = kv_cache[0].view(num_blocks * block_size, num_kv_heads, head_dim)  # (slots, Hkv, D)
-    v_slots = kv_cache[1].view(num_blocks * block_size, num_kv_heads, head_dim)  # (slots, Hkv, D)
-    k_slots.index_copy_(0, slot_mapping, k)
-    v_slots.index_copy_(0, slot_mapping, v)
+    kv_cache[0].view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
+    kv_cache[1].view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -67,7 +73,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         q: (T, Hq, D) queries of the new tokens, rotary already applied.
         k: (T, Hkv, D) keys of the new tokens, rotary (and any key norm) already applied.
         v: (T, Hkv, D) values of the new tokens.
-        kv_cache: (2, num_blocks, block_size, Hkv, D) this layer's cache, updated in place.
+        kv_cache: (2, num_blocks, Hkv, block_size, D) this layer's cache, updated in place.
         meta: Where the new tokens go and which blocks each sequence owns.
         scale: Multiplier of q·k, usually head_dim ** -0.5.
 
@@ -93,9 +99,9 @@ def _sequence_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
     q_len = q.shape[0]
     num_blocks = -(-seq_len // block_size)
     blocks = block_table[:num_blocks]  # (B,)
-    _, _, _, num_kv_heads, head_dim = kv_cache.shape
-    keys = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # (S, Hkv, D)
-    values = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]  # (S, Hkv, D)
+    _, _, num_kv_heads, _, head_dim = kv_cache.shape
+    keys = kv_cache[0, blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :seq_len]  # (Hkv, S, D)
+    values = kv_cache[1, blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :seq_len]  # (Hkv, S, D)
     if q_len == seq_len:
         mask = None  # a whole prompt: plain causal attention
     else:
@@ -104,8 +110,8 @@ def _sequence_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: to
         mask = torch.arange(seq_len)[None, :] <= query_pos[:, None]  # (L, S) True = attend
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),  # (Hq, L, D)
-        keys.transpose(0, 1),  # (Hkv, S, D)
-        values.transpose(0, 1),  # (Hkv, S, D)
+        keys,  # (Hkv, S, D)
+        values,  # (Hkv, S, D)
         attn_mask=mask,
         is_causal=mask is None,
         scale=scale,
@@ -118,21 +124,22 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
                       scale: float) -> torch.Tensor:
     """Attention of one (S, Hq, D) query per sequence over the whole cached history, batched."""
     num_seqs = q.shape[0]
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    _, _, num_kv_heads, block_size, head_dim = kv_cache.shape
     seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int64)  # (S,)
     max_blocks = -(-max(meta.seq_lens) // block_size)
     blocks = meta.block_tables[:, :max_blocks]  # (S, B)
-    keys = kv_cache[0, blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)  # (S, P, Hkv, D), P = B * block_size
-    values = kv_cache[1, blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)  # (S, P, Hkv, D)
-    valid = torch.arange(keys.shape[1])[None, :] < seq_lens[:, None]  # (S, P)
+    # (S, B, Hkv, bs, D) -> (S, Hkv, P, D), P = B * block_size
+    keys = kv_cache[0, blocks].transpose(1, 2).reshape(num_seqs, num_kv_heads, -1, head_dim)
+    values = kv_cache[1, blocks].transpose(1, 2).reshape(num_seqs, num_kv_heads, -1, head_dim)
+    valid = torch.arange(keys.shape[2])[None, :] < seq_lens[:, None]  # (S, P)
     # NOTE: padding slots may hold anything, even NaN from an uninitialised cache, and a masked NaN still poisons
     # softmax(QK)V (0 * NaN = NaN), so they are zeroed as well as masked.
-    keys.masked_fill_(~valid[:, :, None, None], 0)
-    values.masked_fill_(~valid[:, :, None, None], 0)
+    keys.masked_fill_(~valid[:, None, :, None], 0)
+    values.masked_fill_(~valid[:, None, :, None], 0)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :],  # (S, Hq, 1, D)
-        keys.transpose(1, 2),  # (S, Hkv, P, D)
-        values.transpose(1, 2),  # (S, Hkv, P, D)
+        keys,  # (S, Hkv, P, D)
+        values,  # (S, Hkv, P, D)
         attn_mask=valid[:, None, None, :],  # (S, 1, 1, P)
         scale=scale,
         enable_gqa=True,

@@ -125,7 +125,7 @@ class DecoderForCausalLM(nn.Module):
         Args:
             input_ids: (T,) int64 new tokens of all sequences, flattened.
             positions: (T,) int64 absolute position of each token in its sequence.
-            kv_caches: One (2, num_blocks, block_size, Hkv, D) cache per layer, updated in place.
+            kv_caches: One (2, num_blocks, Hkv, block_size, D) cache per layer, updated in place.
             attn_metadata: Where the tokens sit in the cache.
 
         Returns:

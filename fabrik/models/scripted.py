@@ -16,7 +16,7 @@ The sequence is not kept in Python: ``forward`` writes each new token id into it
 sequence back through its block table, so a wrong slot, block table or prefix-cache block changes the output. Token
 ids and predictions travel as base-16 digits, exact in bfloat16 too::
 
-    kv_cache[0]: (2, num_blocks, block_size, 1, 8)    K = V = the 8 hex digits of the token at that slot
+    kv_cache[0]: (2, num_blocks, 1, block_size, 8)    K = V = the 8 hex digits of the token at that slot
     hidden:      (T, 8)                               the 8 hex digits of the predicted next token
 """
 
@@ -92,7 +92,7 @@ class ScriptedForCausalLM(nn.Module):
         Args:
             input_ids: (T,) int64 new tokens of all sequences, flattened.
             positions: (T,) int64 absolute position of each token (implied by the metadata; unused).
-            kv_caches: One (2, num_blocks, block_size, 1, NUM_DIGITS) cache per layer; layer 0 holds the tokens.
+            kv_caches: One (2, num_blocks, 1, block_size, NUM_DIGITS) cache per layer; layer 0 holds the tokens.
             attn_metadata: Where the tokens sit in the cache.
 
         Returns:

@@ -33,7 +33,7 @@ typedef struct {
     const fabrik_linear *down;
     const uint16_t *input_norm, *post_norm; /* (hidden,) bf16 */
     const uint16_t *q_norm, *k_norm;        /* (head_dim,) bf16, NULL without per-head norms */
-    uint16_t *kv_cache;                     /* (2, num_blocks, block_size, n_kv_heads, head_dim) bf16 */
+    uint16_t *kv_cache;                     /* (2, num_blocks, n_kv_heads, block_size, head_dim) bf16 */
 } fabrik_layer;
 
 typedef struct {
@@ -131,85 +131,166 @@ static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
 typedef struct {
     const uint16_t *q;     /* (G, D) bf16 queries */
     uint16_t *out;         /* (G, D) bf16 output */
-    const uint16_t *k0;    /* K of cache slot 0 for this KV head; V is k0 + v_offset */
+    const uint16_t *k0;    /* this KV head's K rows in cache block 0; block b is at k0 + b * block_stride */
     const int64_t *table;  /* the sequence's block ids */
-    long kv_stride;        /* elements between consecutive cache tokens */
-    long v_offset;
+    long block_stride;     /* elements of one cache block (all heads) */
+    long v_offset;         /* V half of the cache */
     int n_keys, G, D, bs;
     float scale;
 } attn_item;
+
+/* Pulls the next block's K and V rows of this head toward the cache while the current one is computed: blocks sit
+ * anywhere in the cache, so the hardware prefetcher cannot guess the jump. */
+static inline void prefetch_block(const attn_item *it, int t0) {
+    if (t0 + it->bs >= it->n_keys) return;
+    const char *K = (const char *)(it->k0 + it->table[t0 / it->bs + 1] * it->block_stride);
+    long bytes = (long)it->bs * it->D * 2;
+    for (long b = 0; b < bytes; b += 64) {
+        __builtin_prefetch(K + b);
+        __builtin_prefetch(K + it->v_offset * 2 + b);
+    }
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_AVX512_ATTENTION 1
 
-static inline __m512 load16_bf16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+static inline __attribute__((always_inline)) __m512 exp512(__m512 x) { /* fexp on 16 lanes */
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* AVX-512 path for D a multiple of 32 and at most 256: q.k by vdpbf16ps (exact bf16 products, fp32 sums), the
- * running output of each head in registers while a chunk of keys streams through. */
-static void attend_avx512(const attn_item *it) {
-    int G = it->G, D = it->D, bs = it->bs, nd = D / 16;
-    float acc[MAX_GROUP][MAX_HEAD_DIM] __attribute__((aligned(64))), m[MAX_GROUP], l[MAX_GROUP];
+/* AVX-512 path, instantiated for constant G (query heads per KV head) and D (head_dim) so that every accumulator
+ * indexes with constants and stays in a register:
+ *   scores: vdpbf16ps, 4 keys at a time (independent chains), exact bf16 products summed in fp32;
+ *   softmax: 32 keys per chunk, running max and sum per head, exp on 16 lanes;
+ *   P V:    vdpbf16ps over pairs of keys: the two V rows are interleaved (unpack lo/hi) and the softmax weights
+ *           enter as bf16 pairs, as torch's flash attention feeds them to its bf16 GEMM; sums stay fp32.
+ * The running outputs are kept in the unpacked order (per 32 d: lanes of d 0-3, 8-11, 16-19, 24-27, then 4-7, ...),
+ * undone when they are written. */
+static inline __attribute__((always_inline)) void attend_avx512_fixed(const attn_item *it, const int G, const int D) {
+    const int NC = D / 32, bs = it->bs;
+    __m512bh qv[G][NC];
+    __m512 acc[G][2 * NC];
+    float m[G], l[G];
+#pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
-        memset(acc[g], 0, (size_t)D * 4);
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) qv[g][c] = (__m512bh)_mm512_loadu_si512(it->q + g * D + c * 32);
+#pragma GCC unroll 16
+        for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_setzero_ps();
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
     for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
-        const uint16_t *K = it->k0 + it->table[t0 / bs] * bs * it->kv_stride;
+        const uint16_t *K = it->k0 + it->table[t0 / bs] * it->block_stride;
         const uint16_t *V = K + it->v_offset;
         int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
+        prefetch_block(it, t0);
         for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
             int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
-            float sc[MAX_GROUP][KEY_CHUNK];
-            for (int i = 0; i < cn; i++) {
-                const uint16_t *kr = K + (c0 + i) * it->kv_stride;
-                /* Rows of one head are 1/Hkv of each cache token: strided reads the hardware prefetcher misses. */
-                const char *kn = (const char *)(kr + 8 * it->kv_stride), *vn = (const char *)(kr + it->v_offset);
-                for (int b = 0; b < D * 2; b += 64) {
-                    _mm_prefetch(kn + b, _MM_HINT_T0);
-                    _mm_prefetch(vn + b, _MM_HINT_T0);
-                }
-                for (int g = 0; g < G; g++) {
-                    const uint16_t *qh = it->q + (long)g * D;
-                    __m512 a = _mm512_setzero_ps();
-                    for (int d = 0; d < D; d += 32)
-                        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qh + d),
-                                             (__m512bh)_mm512_loadu_si512(kr + d));
-                    sc[g][i] = _mm512_reduce_add_ps(a) * it->scale;
-                }
+            float sc[G][KEY_CHUNK] __attribute__((aligned(64)));
+            for (int i = 0; i < cn; i += 4) {
+                __m512 a[4][G];
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++)
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++) a[j][g] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+                for (int c = 0; c < NC; c++)
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) {
+                        int row = i + j < cn ? i + j : cn - 1; /* past the end: recompute a valid row, unused */
+                        __m512bh kv = (__m512bh)_mm512_loadu_si512(K + (long)(c0 + row) * D + c * 32);
+#pragma GCC unroll 8
+                        for (int g = 0; g < G; g++) a[j][g] = _mm512_dpbf16_ps(a[j][g], qv[g][c], kv);
+                    }
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++)
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++) sc[g][(i + j) & (KEY_CHUNK - 1)] = _mm512_reduce_add_ps(a[j][g]);
             }
+            __mmask16 k0 = cn >= 16 ? 0xffff : (__mmask16)((1u << cn) - 1u);
+            __mmask16 k1 = cn <= 16 ? 0 : cn >= 32 ? 0xffff : (__mmask16)((1u << (cn - 16)) - 1u);
+            uint32_t pp[G][KEY_CHUNK / 2] __attribute__((aligned(64)));
+#pragma GCC unroll 8
             for (int g = 0; g < G; g++) {
-                float mx = m[g];
-                for (int i = 0; i < cn; i++) mx = sc[g][i] > mx ? sc[g][i] : mx;
+                __m512 scale = _mm512_set1_ps(it->scale), ninf = _mm512_set1_ps(-INFINITY);
+                __m512 s0 = _mm512_mask_mul_ps(ninf, k0, _mm512_load_ps(sc[g]), scale);
+                __m512 s1 = _mm512_mask_mul_ps(ninf, k1, _mm512_load_ps(sc[g] + 16), scale);
+                float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
                 if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
                     float r = fexp(m[g] - mx);
+                    __m512 rv = _mm512_set1_ps(r);
                     l[g] *= r;
-                    for (int d = 0; d < D; d++) acc[g][d] *= r;
+#pragma GCC unroll 16
+                    for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], rv);
                     m[g] = mx;
                 }
-                for (int i = 0; i < cn; i++) {
-                    sc[g][i] = fexp(sc[g][i] - mx);
-                    l[g] += sc[g][i];
-                }
+                __m512 mv = _mm512_set1_ps(m[g]);
+                __m512 p0 = _mm512_maskz_mov_ps(k0, exp512(_mm512_sub_ps(s0, mv)));
+                __m512 p1 = _mm512_maskz_mov_ps(k1, exp512(_mm512_sub_ps(s1, mv)));
+                l[g] += _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+                _mm512_store_si512(pp[g], (__m512i)_mm512_cvtne2ps_pbh(p1, p0)); /* bf16 of keys 0..31 in order */
             }
-            for (int dc = 0; dc < nd; dc++) {
-                for (int g = 0; g < G; g++) {
-                    __m512 a = _mm512_load_ps(acc[g] + dc * 16);
-                    for (int i = 0; i < cn; i++)
-                        a = _mm512_fmadd_ps(_mm512_set1_ps(sc[g][i]), load16_bf16(V + (c0 + i) * it->kv_stride + dc * 16),
-                                            a);
-                    _mm512_store_ps(acc[g] + dc * 16, a);
+            for (int i = 0; i < cn; i += 2) {
+                const uint16_t *v0 = V + (long)(c0 + i) * D;
+                const uint16_t *v1 = i + 1 < cn ? v0 + D : v0; /* an odd last key's partner has weight 0 */
+#pragma GCC unroll 8
+                for (int c = 0; c < NC; c++) {
+                    __m512i r0 = _mm512_loadu_si512(v0 + c * 32), r1 = _mm512_loadu_si512(v1 + c * 32);
+                    __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+                    __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++) {
+                        __m512bh w = (__m512bh)_mm512_set1_epi32((int)pp[g][i / 2]);
+                        acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], lo, w);
+                        acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], hi, w);
+                    }
                 }
             }
         }
     }
+#pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
-        float inv = 1.0f / l[g];
-        for (int d = 0; d < D; d++) it->out[(long)g * D + d] = f32_to_bf16(acc[g][d] * inv);
+        float inv = 1.0f / l[g], lanes[2][16];
+        uint16_t *o = it->out + (long)g * D;
+        for (int c = 0; c < NC; c++) { /* lane q of lo holds d = 32c + 8q + 0..3, of hi d = 32c + 8q + 4..7 */
+            _mm512_storeu_ps(lanes[0], acc[g][2 * c]);
+            _mm512_storeu_ps(lanes[1], acc[g][2 * c + 1]);
+            for (int q = 0; q < 4; q++)
+                for (int e = 0; e < 4; e++) {
+                    o[32 * c + 8 * q + e] = f32_to_bf16(lanes[0][4 * q + e] * inv);
+                    o[32 * c + 8 * q + 4 + e] = f32_to_bf16(lanes[1][4 * q + e] * inv);
+                }
+        }
     }
+}
+
+#define ATTEND_CASE(G_, D_)                                                                                            \
+    if (it->G == G_ && it->D == D_) {                                                                                  \
+        attend_avx512_fixed(it, G_, D_);                                                                               \
+        return 1;                                                                                                      \
+    }
+
+/* Runs the item on an instantiated (G, D); returns 0 when there is none for its shape. */
+static int attend_avx512(const attn_item *it) {
+    ATTEND_CASE(1, 64) ATTEND_CASE(2, 64) ATTEND_CASE(4, 64) ATTEND_CASE(8, 64)
+    ATTEND_CASE(1, 128) ATTEND_CASE(2, 128) ATTEND_CASE(4, 128) ATTEND_CASE(8, 128)
+    ATTEND_CASE(1, 256) ATTEND_CASE(2, 256) ATTEND_CASE(4, 256) ATTEND_CASE(8, 256)
+    return 0;
 }
 #endif
 
@@ -226,15 +307,16 @@ static void attend_generic(const attn_item *it) {
         l[g] = 0.0f;
     }
     for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
-        const uint16_t *K = it->k0 + it->table[t0 / bs] * bs * it->kv_stride;
+        const uint16_t *K = it->k0 + it->table[t0 / bs] * it->block_stride;
         const uint16_t *V = K + it->v_offset;
         int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
+        prefetch_block(it, t0);
         for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
             int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
             for (int g = 0; g < G; g++) {
                 float sc[KEY_CHUNK], mx = m[g];
                 for (int i = 0; i < cn; i++) {
-                    sc[i] = dot_bf16(qf[g], K + (c0 + i) * it->kv_stride, D) * it->scale;
+                    sc[i] = dot_bf16(qf[g], K + (long)(c0 + i) * D, D) * it->scale;
                     mx = sc[i] > mx ? sc[i] : mx;
                 }
                 if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
@@ -245,7 +327,7 @@ static void attend_generic(const attn_item *it) {
                 }
                 for (int i = 0; i < cn; i++) sc[i] = fexp(sc[i] - mx);
                 for (int i = 0; i < cn; i++) {
-                    const uint16_t *vr = V + (c0 + i) * it->kv_stride;
+                    const uint16_t *vr = V + (long)(c0 + i) * D;
                     l[g] += sc[i];
                     for (int d = 0; d < D; d++) acc[g][d] += sc[i] * bf16_to_f32(vr[d]);
                 }
@@ -265,18 +347,15 @@ static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_b
     attn_item it = {
         .q = qkv + t * qkv_row + (long)kvh * G * D,
         .out = out + ((long)t * M->n_heads + (long)kvh * G) * D,
-        .k0 = Ly->kv_cache + (long)kvh * D,
+        .k0 = Ly->kv_cache + (long)kvh * M->block_size * D,
         .table = B->block_tables + (long)s * B->max_blocks,
-        .kv_stride = (long)M->n_kv_heads * D,
+        .block_stride = (long)M->n_kv_heads * M->block_size * D,
         .v_offset = (long)M->num_blocks * M->block_size * M->n_kv_heads * D,
         .n_keys = B->seq_lens[s] - q_len + (t - B->query_start[s]) + 1,
         .G = G, .D = D, .bs = M->block_size, .scale = M->scale,
     };
 #ifdef HAVE_AVX512_ATTENTION
-    if (D % 32 == 0 && D <= 256) {
-        attend_avx512(&it);
-        return;
-    }
+    if (attend_avx512(&it)) return;
 #endif
     attend_generic(&it);
 }
@@ -301,9 +380,13 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
         uint16_t *q = qkv + t * qkv_row, *k = q + q_row, *v = k + kv_row;
         for (int hh = 0; hh < Hq; hh++) norm_rope_head(q + (long)hh * D, Ly->q_norm, M->eps, cos, sin, D);
         for (int hh = 0; hh < Hkv; hh++) norm_rope_head(k + (long)hh * D, Ly->k_norm, M->eps, cos, sin, D);
-        uint16_t *slot = Ly->kv_cache + B->slots[t] * kv_row;
-        memcpy(slot, k, kv_row * 2);
-        memcpy(slot + (long)M->num_blocks * M->block_size * kv_row, v, kv_row * 2);
+        long block = B->slots[t] / M->block_size, offset = B->slots[t] % M->block_size;
+        uint16_t *kc = Ly->kv_cache + (block * Hkv * M->block_size + offset) * D;
+        uint16_t *vc = kc + (long)M->num_blocks * M->block_size * kv_row;
+        for (int hh = 0; hh < Hkv; hh++) { /* head hh's row of this slot: block-major, then head, then offset */
+            memcpy(kc + (long)hh * M->block_size * D, k + (long)hh * D, (size_t)D * 2);
+            memcpy(vc + (long)hh * M->block_size * D, v + (long)hh * D, (size_t)D * 2);
+        }
     }
     /* Work items are (token, KV head); causal prefill items differ in length, hence dynamic scheduling. */
 #pragma omp parallel for num_threads(M->nthreads) schedule(dynamic, 1)
