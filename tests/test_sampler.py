@@ -445,8 +445,9 @@ def test_sampler_rejects_mismatched_rows():
     assert Sampler([EOS])(torch.zeros(0, 5), []).token_ids == []
 
 
-def test_sampler_rejects_nan_logits():
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0)], ids=["random", "greedy"])
+def test_sampler_rejects_nan_logits(params):
     logits = torch.zeros(3, 5)
     logits[1, 2] = math.nan
     with pytest.raises(ValueError, match=r"NaN in rows \[1\]"):
-        Sampler([EOS])(logits, [row()] * 3)
+        Sampler([EOS])(logits, [row(params)] * 3)

@@ -14,6 +14,7 @@ The engine is single-threaded: the server calls it from one dedicated thread.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -101,6 +102,10 @@ class LLMEngine:
             self.block_manager)
         self._seqs: dict[str, _Sequence] = {}          # core request id -> sequence
         self._children: dict[str, list[str]] = {}      # request id -> core request ids
+        # The model's thousands of objects live as long as the engine: frozen, the cyclic collector stops re-walking
+        # them on every full collection (~4% of a batch-8 decode step otherwise).
+        gc.collect()
+        gc.freeze()
         logger.info("engine ready: %s, %s, weights %s, kernels %s, %d KV blocks of %d tokens (%.1f MiB), "
                     "max_model_len %d", path, self.dtype, config.quantization or "as loaded",
                     self.runner.kernel_backend, num_blocks, config.block_size, num_blocks * per_block / 2**20, max_len)

@@ -93,17 +93,24 @@ class Sampler:
             raise ValueError(f"logits must have shape ({len(rows)}, V), got {tuple(logits.shape)}")
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[])
+        logits = logits.float()
+        if all(row.params.is_greedy and row.params.logprobs is None and not self._modifies(row) for row in rows):
+            # The common decode step: one pass over (N, V) (a separate NaN scan costs as much as the argmax).
+            best, token_ids = logits.max(dim=-1)  # NaN wins max, so a NaN row shows in best
+            if torch.isnan(best).any():
+                raise ValueError(f"logits contain NaN in rows {torch.isnan(best).nonzero()[:, 0].tolist()}")
+            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * len(rows))
         if torch.isnan(logits).any():
             bad_rows = torch.isnan(logits).any(dim=-1).nonzero()[:, 0].tolist()
             raise ValueError(f"logits contain NaN in rows {bad_rows}")
 
-        logits = logits.float()
         # NOTE: logprobs are taken from the raw logits, before penalties and temperature (vLLM's default), so they
         # describe the model, not the sampling settings.
         logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         raw_logprob_logits = logits[logprob_rows] if logprob_rows else None  # (L, V), a copy
 
-        x = self.process_logits(logits, rows)  # (N, V)
+        # Nothing to apply: skip the (N, V) copy (logits is only read from here on).
+        x = self.process_logits(logits, rows) if any(self._modifies(row) for row in rows) else logits  # (N, V)
         token_ids = torch.empty(len(rows), dtype=torch.long)  # (N,)
         greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
         if greedy:
@@ -124,6 +131,12 @@ class Sampler:
             for i, entry in zip(logprob_rows, computed):
                 logprobs[i] = entry
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def _modifies(self, row: SamplingRow) -> bool:
+        """Whether process_logits changes this row's logits."""
+        p = row.params
+        return bool(p.logit_bias) or len(row.output_token_ids) < p.min_tokens or p.repetition_penalty != 1.0 \
+            or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
     def process_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Applies logit_bias, the min_tokens mask and the penalties: the logits greedy rows take the argmax of.

@@ -103,6 +103,34 @@ INLINE512 void bf16_tile_avx512(const fabrik_linear *L, const uint16_t *blk, con
     for (int i = 0; i < MT; i++) store16_avx512(L, acc[i], out, flags, m0 + i, n0);
 }
 
+/* Two adjacent blocks (32 rows) against MT rows of x: each broadcast x pair feeds two vdpbf16ps, so a batch reads
+ * 10 vectors per 16 products instead of 9 per 8 (the loads, not the multiplies, bound the one-block tile). */
+INLINE512 void bf16_tile2_avx512(const fabrik_linear *L, const uint16_t *blk, long block_elems, const uint32_t *xp,
+                                 int xs, int MT, void *out, int flags, int m0, int n0) {
+    int P = L->kp / 2;
+    const uint16_t *blk1 = blk + block_elems;
+    __m512 acc0[8], acc1[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    for (int p = 0; p < P; p++) {
+        _mm_prefetch((const char *)(blk + (long)(p + PREFETCH_LINES) * 32), _MM_HINT_T0);
+        _mm_prefetch((const char *)(blk1 + (long)(p + PREFETCH_LINES) * 32), _MM_HINT_T0);
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(blk + (long)p * 32);
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(blk1 + (long)p * 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; i++) {
+            __m512bh x = (__m512bh)_mm512_set1_epi32((int)xp[(long)i * xs + p]);
+            acc0[i] = _mm512_dpbf16_ps(acc0[i], w0, x);
+            acc1[i] = _mm512_dpbf16_ps(acc1[i], w1, x);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; i++) {
+        store16_avx512(L, acc0[i], out, flags, m0 + i, n0);
+        store16_avx512(L, acc1[i], out, flags, m0 + i, n0 + ROWS);
+    }
+}
+
 /* M = 1: four accumulators over p so that the vdpbf16ps latency chain does not bound the rate. */
 INLINE512 void bf16_gemv_avx512(const fabrik_linear *L, const uint16_t *blk, const uint32_t *xp, void *out, int flags,
                                 int n0) {
@@ -133,6 +161,23 @@ T512 static void bf16_run_avx512(const fabrik_linear *L, const uint32_t *xp, int
             const uint16_t *blk = W + b * block_elems;
             if (M == 1) {
                 bf16_gemv_avx512(L, blk, xp, out, flags, b * ROWS);
+                continue;
+            }
+            if (M >= 4 && b + 1 < b1) { /* two blocks at a time: ~10% more GFLOP/s from M = 8 up */
+                for (int m = 0; m < M; m += 8) {
+                    const uint32_t *x = xp + (long)m * xs;
+                    switch (M - m < 8 ? M - m : 8) {
+                    case 1: bf16_tile2_avx512(L, blk, block_elems, x, xs, 1, out, flags, m, b * ROWS); break;
+                    case 2: bf16_tile2_avx512(L, blk, block_elems, x, xs, 2, out, flags, m, b * ROWS); break;
+                    case 3: bf16_tile2_avx512(L, blk, block_elems, x, xs, 3, out, flags, m, b * ROWS); break;
+                    case 4: bf16_tile2_avx512(L, blk, block_elems, x, xs, 4, out, flags, m, b * ROWS); break;
+                    case 5: bf16_tile2_avx512(L, blk, block_elems, x, xs, 5, out, flags, m, b * ROWS); break;
+                    case 6: bf16_tile2_avx512(L, blk, block_elems, x, xs, 6, out, flags, m, b * ROWS); break;
+                    case 7: bf16_tile2_avx512(L, blk, block_elems, x, xs, 7, out, flags, m, b * ROWS); break;
+                    default: bf16_tile2_avx512(L, blk, block_elems, x, xs, 8, out, flags, m, b * ROWS); break;
+                    }
+                }
+                b++;
                 continue;
             }
             for (int m = 0; m < M; m += 8) {
