@@ -13,8 +13,9 @@ and prints GB/s (median over repeats) and native / stream. Run:
     .venv/bin/python bench/kernels.py [--batch 1] [--repeats 30] [--threads 2]
 
 With ``--model PATH`` it measures a whole checkpoint instead, through ``fabrik.LLM``: batch-1 greedy decode tok/s
-on the torch, native bf16 and native int8 paths (interleaved rounds), then int8's accuracy against bf16: the largest
-logit difference over a 64-token prompt (teacher-forced, all positions) and the greedy tokens shared over 64.
+on the torch, native bf16, int8 and int4 paths (interleaved rounds), then the int8 and int4 accuracy against bf16:
+the largest logit difference over a 64-token prompt (teacher-forced, all positions) and the greedy tokens shared
+over 64.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def _load(path: str, backend: str, quantization: str | None):
 
 def _prompt_logits(config, model, ids: list[int]) -> torch.Tensor:
     """(T, vocab) float32 logits of every position of one prompt, run as a single prefill."""
-    from fabrik.models.attention import AttentionMetadata
+    from fabrik.models.attention import AttentionMetadata, kv_cache_shape
 
     block_size, n = 16, len(ids)
     num_blocks = (n + block_size - 1) // block_size
-    caches = [torch.zeros(2, num_blocks, block_size, config.num_key_value_heads, config.head_dim,
-                          dtype=torch.bfloat16) for _ in range(config.num_hidden_layers)]
+    caches = [torch.zeros(kv_cache_shape(config, num_blocks, block_size), dtype=torch.bfloat16)
+              for _ in range(config.num_hidden_layers)]
     meta = AttentionMetadata(slot_mapping=torch.arange(n), query_start_loc=(0, n), seq_lens=(n,),
                              block_tables=torch.arange(num_blocks)[None], block_size=block_size)
     with torch.inference_mode():
@@ -88,18 +89,14 @@ def _prompt_logits(config, model, ids: list[int]) -> torch.Tensor:
 
 
 def bench_model(path: str, rounds: int) -> None:
-    import fabrik.engine.model_runner as model_runner
     from fabrik import LLM, SamplingParams
-    from fabrik.kernels import apply_kernels
 
-    variants = {"torch bf16": ("torch", None), "native bf16": ("native", None), "native int8": ("native", "int8")}
-    real_load = model_runner.load_model
+    variants = {"torch bf16": ("torch", None), "native bf16": ("native", None), "native int8": ("native", "int8"),
+                "native int4": ("native", "int4")}
     ids = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     llms, tokens = {}, {}
     for name, (backend, quantization) in variants.items():
-        model_runner.load_model = lambda *a, b=backend, q=quantization, **k: apply_kernels(real_load(*a, **k), b, q)
-        llms[name] = LLM(path, dtype="bfloat16", max_model_len=512)
-    model_runner.load_model = real_load
+        llms[name] = LLM(path, dtype="bfloat16", max_model_len=512, kernels=backend, quantization=quantization)
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     timings: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds + 1):  # the first round warms up and is not counted
@@ -120,7 +117,7 @@ def bench_model(path: str, rounds: int) -> None:
     reference = logits["native bf16"]
     print(f"  accuracy over a 64-token prompt (teacher-forced), against native bf16 (logit std "
           f"{reference.std().item():.3f}):")
-    for name in ("torch bf16", "native int8"):
+    for name in ("torch bf16", "native int8", "native int4"):
         diff = (logits[name] - reference).abs().max().item()
         top1 = (logits[name].argmax(-1) == reference.argmax(-1)).float().mean().item()
         same = next((i for i, (a, b) in enumerate(zip(tokens[name], tokens["native bf16"])) if a != b), 64)
@@ -134,7 +131,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--model", help="a checkpoint folder: measure whole-model decode and int8 accuracy instead")
+    parser.add_argument("--model", help="a checkpoint folder: measure whole-model decode and int8 / int4 accuracy "
+                                        "instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
