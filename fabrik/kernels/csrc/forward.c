@@ -146,8 +146,8 @@ static inline void prefetch_block(const attn_item *it, int t0) {
     const char *K = (const char *)(it->k0 + it->table[t0 / it->bs + 1] * it->block_stride);
     long bytes = (long)it->bs * it->D * 2;
     for (long b = 0; b < bytes; b += 64) {
-        __builtin_prefetch(K + b);
-        __builtin_prefetch(K + it->v_offset * 2 + b);
+        __builtin_prefetch(K + b, 0, 2); /* into L2: T0 prefetches of a whole block stall on L1 miss slots */
+        __builtin_prefetch(K + it->v_offset * 2 + b, 0, 2);
     }
 }
 
