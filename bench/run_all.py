@@ -194,7 +194,8 @@ def llama_bench(r: Runner, gguf: Path, qtype: str, tag: str) -> dict[str, Any]:
     r.note(res["command"])
     (r.run_dir / f"{tag}.json").write_text(json.dumps(res, indent=2))
     return {"engine": "llama.cpp", "format": qtype, "batch": 1, "prefill_tps": res["pp_tokens_per_s"],
-            "decode_tps_total": res["tg_tokens_per_s"], "decode_tps_seq": res["tg_tokens_per_s"]}
+            "decode_tps_total": res["tg_tokens_per_s"], "decode_tps_seq": res["tg_tokens_per_s"],
+            "decode_tps_empty_cache": res.get("tg_depth0_tokens_per_s")}
 
 
 # ---- served cases -------------------------------------------------------------------------------------------------
@@ -468,7 +469,10 @@ def render(results: dict[str, Any], plots: list[Path]) -> str:
         "## Offline", "",
         f"Prompt {s['input_len']} tokens, {s['output_len']} generated; {s['rounds']} round(s), the cases interleaved "
         "within each round; medians over the rounds. llama.cpp: `llama-bench` "
-        f"pp{s['input_len']} / tg{s['output_len']} (batch 1 only). fabrik: `fabrik bench latency`. transformers: "
+        f"pp{s['input_len']} on an empty cache / tg{s['output_len']} after {s['input_len']} tokens of context "
+        f"(`-d {s['input_len']}`: every engine decodes after its {s['input_len']}-token prompt; llama.cpp's "
+        "empty-cache tg is in the run's results.json as `decode_tps_empty_cache`) (batch 1 only). "
+        "fabrik: `fabrik bench latency`. transformers: "
         "`bench/hf_generate.py` (`generate`, prefill timed as a 1-token generate). "
         f"*vs {' '.join(REFERENCE)}*: per-sequence decode rate over {' '.join(REFERENCE)} tg in the same round.",
         "",
