@@ -3,6 +3,7 @@
 #ifndef FABRIK_H
 #define FABRIK_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -44,6 +45,24 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+/* e^x to ~1 ulp for x in [-87, 88] (Cephes' polynomial); plain C so that loops over it vectorize. */
+static inline float fexp(float x) {
+    x = x > 88.3f ? 88.3f : (x < -87.3f ? -87.3f : x);
+    float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    return p * s;
 }
 
 #endif

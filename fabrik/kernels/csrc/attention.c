@@ -1,0 +1,233 @@
+/* Paged attention of one work item: the G query heads that share one KV head, for one new token, over the
+ * sequence's cached positions read through its block table with an online softmax (running max and sum per head):
+ * no gathered copy of K/V, no mask. An AVX-512 path instantiated per (G, head_dim) and a portable C path.
+ *
+ * Cache layout (fabrik/models/attention.py): (2, num_blocks, n_kv_heads, block_size, head_dim) bf16, so one head's
+ * rows of a block are contiguous.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "attention.h"
+#include "fabrik.h"
+
+#define LANES 16     /* fp32 partial sums of the portable path */
+#define KEY_CHUNK 32 /* keys scored at a time between softmax rescales */
+
+static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
+    float part[LANES] = {0}, sum = 0.0f;
+    int d = 0;
+    for (; d + LANES <= D; d += LANES)
+        for (int l = 0; l < LANES; l++) part[l] += q[d + l] * bf16_to_f32(k[d + l]);
+    for (; d < D; d++) sum += q[d] * bf16_to_f32(k[d]);
+    for (int l = 0; l < LANES; l++) sum += part[l];
+    return sum;
+}
+
+/* Pulls the next block's K and V rows of this head toward the cache while the current one is computed: blocks sit
+ * anywhere in the cache, so the hardware prefetcher cannot guess the jump. */
+static inline void prefetch_block(const attn_item *it, int t0) {
+    if (t0 + it->bs >= it->n_keys) return;
+    const char *K = (const char *)(it->k0 + it->table[t0 / it->bs + 1] * it->block_stride);
+    long bytes = (long)it->bs * it->D * 2;
+    for (long b = 0; b < bytes; b += 64) {
+        __builtin_prefetch(K + b, 0, 2); /* into L2: T0 prefetches of a whole block stall on L1 miss slots */
+        __builtin_prefetch(K + it->v_offset * 2 + b, 0, 2);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define HAVE_AVX512_ATTENTION 1
+
+static inline __attribute__((always_inline)) __m512 exp512(__m512 x) { /* fexp on 16 lanes */
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* AVX-512 path, instantiated for constant G (query heads per KV head) and D (head_dim) so that every accumulator
+ * indexes with constants and stays in a register:
+ *   scores: vdpbf16ps, 4 keys at a time (independent chains), exact bf16 products summed in fp32;
+ *   softmax: 32 keys per chunk, running max and sum per head, exp on 16 lanes;
+ *   P V:    vdpbf16ps over pairs of keys: the two V rows are interleaved (unpack lo/hi) and the softmax weights
+ *           enter as bf16 pairs, as torch's flash attention feeds them to its bf16 GEMM; sums stay fp32.
+ * The running outputs are kept in the unpacked order (per 32 d: lanes of d 0-3, 8-11, 16-19, 24-27, then 4-7, ...),
+ * undone when they are written. */
+static inline __attribute__((always_inline)) void attend_avx512_fixed(const attn_item *it, const int G, const int D) {
+    const int NC = D / 32, bs = it->bs;
+    __m512bh qv[G][NC];
+    __m512 acc[G][2 * NC];
+    float m[G], l[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+#pragma GCC unroll 8
+        for (int c = 0; c < NC; c++) qv[g][c] = (__m512bh)_mm512_loadu_si512(it->q + g * D + c * 32);
+#pragma GCC unroll 16
+        for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_setzero_ps();
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
+        const uint16_t *K = it->k0 + it->table[t0 / bs] * it->block_stride;
+        const uint16_t *V = K + it->v_offset;
+        int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
+        prefetch_block(it, t0);
+        for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
+            int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
+            float sc[G][KEY_CHUNK] __attribute__((aligned(64)));
+            for (int i = 0; i < cn; i += 4) {
+                __m512 a[4][G];
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++)
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++) a[j][g] = _mm512_setzero_ps();
+#pragma GCC unroll 8
+                for (int c = 0; c < NC; c++)
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) {
+                        int row = i + j < cn ? i + j : cn - 1; /* past the end: recompute a valid row, unused */
+                        __m512bh kv = (__m512bh)_mm512_loadu_si512(K + (long)(c0 + row) * D + c * 32);
+#pragma GCC unroll 8
+                        for (int g = 0; g < G; g++) a[j][g] = _mm512_dpbf16_ps(a[j][g], qv[g][c], kv);
+                    }
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++)
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++) sc[g][(i + j) & (KEY_CHUNK - 1)] = _mm512_reduce_add_ps(a[j][g]);
+            }
+            __mmask16 k0 = cn >= 16 ? 0xffff : (__mmask16)((1u << cn) - 1u);
+            __mmask16 k1 = cn <= 16 ? 0 : cn >= 32 ? 0xffff : (__mmask16)((1u << (cn - 16)) - 1u);
+            uint32_t pp[G][KEY_CHUNK / 2] __attribute__((aligned(64)));
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                __m512 scale = _mm512_set1_ps(it->scale), ninf = _mm512_set1_ps(-INFINITY);
+                __m512 s0 = _mm512_mask_mul_ps(ninf, k0, _mm512_load_ps(sc[g]), scale);
+                __m512 s1 = _mm512_mask_mul_ps(ninf, k1, _mm512_load_ps(sc[g] + 16), scale);
+                float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+                if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
+                    float r = fexp(m[g] - mx);
+                    __m512 rv = _mm512_set1_ps(r);
+                    l[g] *= r;
+#pragma GCC unroll 16
+                    for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], rv);
+                    m[g] = mx;
+                }
+                __m512 mv = _mm512_set1_ps(m[g]);
+                __m512 p0 = _mm512_maskz_mov_ps(k0, exp512(_mm512_sub_ps(s0, mv)));
+                __m512 p1 = _mm512_maskz_mov_ps(k1, exp512(_mm512_sub_ps(s1, mv)));
+                l[g] += _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+                _mm512_store_si512(pp[g], (__m512i)_mm512_cvtne2ps_pbh(p1, p0)); /* bf16 of keys 0..31 in order */
+            }
+            for (int i = 0; i < cn; i += 2) {
+                const uint16_t *v0 = V + (long)(c0 + i) * D;
+                const uint16_t *v1 = i + 1 < cn ? v0 + D : v0; /* an odd last key's partner has weight 0 */
+#pragma GCC unroll 8
+                for (int c = 0; c < NC; c++) {
+                    __m512i r0 = _mm512_loadu_si512(v0 + c * 32), r1 = _mm512_loadu_si512(v1 + c * 32);
+                    __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+                    __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+#pragma GCC unroll 8
+                    for (int g = 0; g < G; g++) {
+                        __m512bh w = (__m512bh)_mm512_set1_epi32((int)pp[g][i / 2]);
+                        acc[g][2 * c] = _mm512_dpbf16_ps(acc[g][2 * c], lo, w);
+                        acc[g][2 * c + 1] = _mm512_dpbf16_ps(acc[g][2 * c + 1], hi, w);
+                    }
+                }
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) {
+        float inv = 1.0f / l[g], lanes[2][16];
+        uint16_t *o = it->out + (long)g * D;
+        for (int c = 0; c < NC; c++) { /* lane q of lo holds d = 32c + 8q + 0..3, of hi d = 32c + 8q + 4..7 */
+            _mm512_storeu_ps(lanes[0], acc[g][2 * c]);
+            _mm512_storeu_ps(lanes[1], acc[g][2 * c + 1]);
+            for (int q = 0; q < 4; q++)
+                for (int e = 0; e < 4; e++) {
+                    o[32 * c + 8 * q + e] = f32_to_bf16(lanes[0][4 * q + e] * inv);
+                    o[32 * c + 8 * q + 4 + e] = f32_to_bf16(lanes[1][4 * q + e] * inv);
+                }
+        }
+    }
+}
+
+#define ATTEND_CASE(G_, D_)                                                                                            \
+    if (it->G == G_ && it->D == D_) {                                                                                  \
+        attend_avx512_fixed(it, G_, D_);                                                                               \
+        return 1;                                                                                                      \
+    }
+
+/* Runs the item on an instantiated (G, D); returns 0 when there is none for its shape. */
+static int attend_avx512(const attn_item *it) {
+    ATTEND_CASE(1, 64) ATTEND_CASE(2, 64) ATTEND_CASE(4, 64) ATTEND_CASE(8, 64)
+    ATTEND_CASE(1, 128) ATTEND_CASE(2, 128) ATTEND_CASE(4, 128) ATTEND_CASE(8, 128)
+    ATTEND_CASE(1, 256) ATTEND_CASE(2, 256) ATTEND_CASE(4, 256) ATTEND_CASE(8, 256)
+    return 0;
+}
+#endif
+
+/* Portable path: the same online softmax in plain C (vectorized by the compiler where it can). */
+static void attend_generic(const attn_item *it) {
+    int G = it->G, D = it->D, bs = it->bs;
+    float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], m[MAX_GROUP], l[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        for (int d = 0; d < D; d++) {
+            qf[g][d] = bf16_to_f32(it->q[(long)g * D + d]);
+            acc[g][d] = 0.0f;
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
+        const uint16_t *K = it->k0 + it->table[t0 / bs] * it->block_stride;
+        const uint16_t *V = K + it->v_offset;
+        int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
+        prefetch_block(it, t0);
+        for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
+            int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
+            for (int g = 0; g < G; g++) {
+                float sc[KEY_CHUNK], mx = m[g];
+                for (int i = 0; i < cn; i++) {
+                    sc[i] = dot_bf16(qf[g], K + (long)(c0 + i) * D, D) * it->scale;
+                    mx = sc[i] > mx ? sc[i] : mx;
+                }
+                if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
+                    float a = fexp(m[g] - mx);
+                    l[g] *= a;
+                    for (int d = 0; d < D; d++) acc[g][d] *= a;
+                    m[g] = mx;
+                }
+                for (int i = 0; i < cn; i++) sc[i] = fexp(sc[i] - mx);
+                for (int i = 0; i < cn; i++) {
+                    const uint16_t *vr = V + (long)(c0 + i) * D;
+                    l[g] += sc[i];
+                    for (int d = 0; d < D; d++) acc[g][d] += sc[i] * bf16_to_f32(vr[d]);
+                }
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float inv = 1.0f / l[g];
+        for (int d = 0; d < D; d++) it->out[(long)g * D + d] = f32_to_bf16(acc[g][d] * inv);
+    }
+}
+
+void fabrik_attend(const attn_item *it) {
+#ifdef HAVE_AVX512_ATTENTION
+    if (attend_avx512(it)) return;
+#endif
+    attend_generic(it);
+}

@@ -1,0 +1,27 @@
+/* Paged attention of one work item (attention.c), called by the native forward (forward.c) over (token, KV head). */
+#ifndef FABRIK_ATTENTION_H
+#define FABRIK_ATTENTION_H
+
+#include <stdint.h>
+
+#define MAX_GROUP 16     /* query heads per KV head */
+#define MAX_HEAD_DIM 512
+
+/* Where one attention work item reads: the G query heads of KV head `kvh` for batch token t of sequence s, over
+ * the sequence's cached positions 0..pos(t) through its block table. */
+typedef struct {
+    const uint16_t *q;     /* (G, D) bf16 queries */
+    uint16_t *out;         /* (G, D) bf16 output */
+    const uint16_t *k0;    /* this KV head's K rows in cache block 0; block b is at k0 + b * block_stride */
+    const int64_t *table;  /* the sequence's block ids */
+    long block_stride;     /* elements of one cache block (all heads) */
+    long v_offset;         /* V half of the cache */
+    int n_keys, G, D, bs;
+    float scale;
+} attn_item;
+
+/* out = softmax(q K^T * scale) V for the item's G heads, over its n_keys cached positions (causal: the caller sets
+ * n_keys to the query's position + 1). */
+void fabrik_attend(const attn_item *it);
+
+#endif
