@@ -67,12 +67,9 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     return w.view(n_pad // ROWS, ROWS, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()  # (Nb, Kp/2, 16, 2)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantizes an (N, K) weight per row and group of 32 along K (K zero-padded to a multiple of 64).
-
-    Returns:
-        (q, scale): q (N, Kp) int8 in [-127, 127]; scale (N, Kp / 32) float16; w ~ q * scale per group.
-    """
+def _quantize_groups(weight: torch.Tensor, group_scale, q_min: int, q_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and group of 32 along K (K zero-padded to a multiple of 64): scale = fp16(group_scale(group)),
+    q = clamp(round(w / scale), q_min, q_max); a zero scale gives q = 0."""
     n, k = weight.shape
     k_pad = _round_up(k, UNIT_K)
     q = torch.empty((n, k_pad), dtype=torch.int8)
@@ -82,12 +79,22 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if k_pad != k:
             w = F.pad(w, (0, k_pad - k))
         w = w.view(w.shape[0], -1, GROUP)  # (rows, G, 32)
-        s = (w.abs().amax(dim=-1) / 127.0).to(torch.float16)  # (rows, G)
+        s = group_scale(w).to(torch.float16)  # (rows, G)
         s32 = s.float()
-        inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
-        q[r0:r0 + _QUANT_ROWS] = torch.round(w * inv[..., None]).clamp_(-127, 127).to(torch.int8).view(w.shape[0], -1)
+        inv = torch.where(s32 != 0, 1.0 / s32, torch.zeros_like(s32))
+        q[r0:r0 + _QUANT_ROWS] = torch.round(w * inv[..., None]).clamp_(q_min, q_max).to(torch.int8).view(
+            w.shape[0], -1)
         scale[r0:r0 + _QUANT_ROWS] = s
     return q, scale
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes an (N, K) weight per row and group of 32 along K (K zero-padded to a multiple of 64).
+
+    Returns:
+        (q, scale): q (N, Kp) int8 in [-127, 127]; scale (N, Kp / 32) float16; w ~ q * scale per group.
+    """
+    return _quantize_groups(weight, lambda w: w.abs().amax(dim=-1) / 127.0, -127, 127)
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,22 +104,9 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (q, scale): q (N, Kp) int8 in [-8, 7]; scale (N, Kp / 32) float16 (negative when the group's largest
         magnitude is positive); w ~ q * scale per group.
     """
-    n, k = weight.shape
-    k_pad = _round_up(k, UNIT_K)
-    q = torch.empty((n, k_pad), dtype=torch.int8)
-    scale = torch.empty((n, k_pad // GROUP), dtype=torch.float16)
-    for r0 in range(0, n, _QUANT_ROWS):
-        w = weight[r0:r0 + _QUANT_ROWS].detach().float()
-        if k_pad != k:
-            w = F.pad(w, (0, k_pad - k))
-        w = w.view(w.shape[0], -1, GROUP)  # (rows, G, 32)
-        extreme = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))[..., 0]  # (rows, G) signed
-        s = (extreme / -8.0).to(torch.float16)  # (rows, G)
-        s32 = s.float()
-        inv = torch.where(s32 != 0, 1.0 / s32, torch.zeros_like(s32))
-        q[r0:r0 + _QUANT_ROWS] = torch.round(w * inv[..., None]).clamp_(-8, 7).to(torch.int8).view(w.shape[0], -1)
-        scale[r0:r0 + _QUANT_ROWS] = s
-    return q, scale
+    # The weight of largest magnitude, signed, lands exactly on q = -8.
+    return _quantize_groups(weight, lambda w: w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))[..., 0] / -8.0,
+                            -8, 7)
 
 
 def pack_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
