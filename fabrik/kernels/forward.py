@@ -152,9 +152,10 @@ class NativeForward:
             raise ValueError(f"metadata block_size {meta.block_size} != cache block size {self._desc.block_size}")
         num_tokens = input_ids.shape[0]
         cos, sin = self._rotary.cos_sin(positions, torch.bfloat16)  # (T, D) each
-        input_ids = input_ids.contiguous()
-        slots = meta.slot_mapping.contiguous()
-        tables = meta.block_tables.contiguous()
+        # The C side reads these as int64 arrays: no-ops for the model runner's tensors, copies for anything else.
+        input_ids = input_ids.to(torch.int64).contiguous()
+        slots = meta.slot_mapping.to(torch.int64).contiguous()
+        tables = meta.block_tables.to(torch.int64).contiguous()
         query_start = torch.tensor(meta.query_start_loc, dtype=torch.int32)
         seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int32)
         batch = _Batch(tokens=input_ids.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), slots=slots.data_ptr(),
