@@ -281,6 +281,7 @@ def test_engine_properties_hold_on_the_native_path(qwen3_ckpt, quantization):
         llm = LLM(str(qwen3_ckpt), dtype="bfloat16", kv_cache_memory_bytes=8 * 2**20, kernels=backend.name,
                   quantization=quantization, **kw)
         assert llm.engine.runner.kernel_backend == backend.name
+        assert llm.engine.runner.model.native_forward is not None  # the whole stack runs natively, not module by module
         return llm
 
     llm = run()
