@@ -57,11 +57,11 @@ class TorchBackend(KernelBackend):
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None, quantization: str | None,
                out_dtype: torch.dtype | None = None) -> nn.Module:
-        from fabrik.kernels.linear import TorchInt8Linear
+        from fabrik.kernels.linear import TorchQuantizedLinear
 
         _check_quantization(quantization)
         if quantization is not None:
-            return TorchInt8Linear(weight, bias, out_dtype, fmt=quantization)
+            return TorchQuantizedLinear(weight, bias, out_dtype, fmt=quantization)
         module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         module.weight = nn.Parameter(weight.detach(), requires_grad=False)
         if bias is not None:

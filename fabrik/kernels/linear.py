@@ -109,35 +109,34 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                             -8, 7)
 
 
-def pack_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Interleaves ``quantize_int4``'s output into 576-byte units: (ceil(N/16), Kp/64, 576) uint8."""
+def _pack_units(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Interleaves quantized (N, Kp) weights and their (N, Kp / 32) scales into the units of ``bits`` (8 or 4)."""
     n, k_pad = q.shape
     n_pad = _round_up(n, ROWS)
     nb, units = n_pad // ROWS, k_pad // UNIT_K
-    u = (q + 8).to(torch.uint8)
+    zero = 128 if bits == 8 else 8  # stored as q + zero: the unsigned side of vpdpbusd
+    u = (q.to(torch.int16) + zero).to(torch.uint8)
     s = scale
     if n_pad != n:
-        u = F.pad(u, (0, 0, 0, n_pad - n), value=8)  # q = 0
+        u = F.pad(u, (0, 0, 0, n_pad - n), value=zero)  # q = 0
         s = F.pad(s, (0, 0, 0, n_pad - n))
     lines = u.view(nb, ROWS, units, 2, 8, 4).permute(0, 2, 4, 3, 1, 5)  # (Nb, units, c, group, 16 rows, 4)
-    data = (lines[:, :, :, 0] | (lines[:, :, :, 1] << 4)).reshape(nb, units, GROUP * ROWS)
+    if bits == 8:
+        data = lines.reshape(nb, units, 2 * GROUP * ROWS)  # line c of group 0, then of group 1
+    else:
+        data = (lines[:, :, :, 0] | (lines[:, :, :, 1] << 4)).reshape(nb, units, GROUP * ROWS)  # group 1 high
     scales = s.view(nb, ROWS, units, 2).permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(nb, units, 4 * ROWS)
-    return torch.cat((data, scales), dim=-1).contiguous()  # (Nb, Kp/64, 576)
+    return torch.cat((data, scales), dim=-1).contiguous()  # (Nb, Kp/64, UNIT_BYTES or UNIT_BYTES4)
 
 
 def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Interleaves ``quantize_int8``'s output into 1088-byte units: (ceil(N/16), Kp/64, 1088) uint8."""
-    n, k_pad = q.shape
-    n_pad = _round_up(n, ROWS)
-    nb, units = n_pad // ROWS, k_pad // UNIT_K
-    u = (q.to(torch.int16) + 128).to(torch.uint8)
-    s = scale
-    if n_pad != n:
-        u = F.pad(u, (0, 0, 0, n_pad - n), value=128)  # q = 0
-        s = F.pad(s, (0, 0, 0, n_pad - n))
-    data = u.view(nb, ROWS, units, 2, 8, 4).permute(0, 2, 4, 3, 1, 5).reshape(nb, units, 2 * GROUP * ROWS)
-    scales = s.view(nb, ROWS, units, 2).permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(nb, units, 4 * ROWS)
-    return torch.cat((data, scales), dim=-1).contiguous()  # (Nb, Kp/64, 1088)
+    return _pack_units(q, scale, 8)
+
+
+def pack_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Interleaves ``quantize_int4``'s output into 576-byte units: (ceil(N/16), Kp/64, 576) uint8."""
+    return _pack_units(q, scale, 4)
 
 
 def quantize_and_pack(weight: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -291,7 +290,7 @@ class NativeLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
 
 
-class TorchInt8Linear(nn.Module):
+class TorchQuantizedLinear(nn.Module):
     """The int8 (or int4) format computed with torch ops (dequantize, then ``F.linear`` in float32): the reference
     path for CPUs without AVX2. Correct, but slower than bf16: it is not a fast path."""
 
