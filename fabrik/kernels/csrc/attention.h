@@ -24,4 +24,20 @@ typedef struct {
  * n_keys to the query's position + 1). */
 void fabrik_attend(const attn_item *it);
 
+/* A prefill tile: n_q consecutive new tokens of one sequence, the G query heads of one KV head. Token i of the tile
+ * reads its queries at item.q + i * q_stride, writes at item.out + i * out_stride and sees item.n_keys + i cached
+ * positions (item.n_keys is the first token's). */
+typedef struct {
+    attn_item item;
+    long q_stride, out_stride;
+    int n_q;
+} attn_tile;
+
+/* How many tokens a tile may hold for this (G, head_dim, block_size); 0 when there is no tile kernel for the shape
+ * (then attend each token with fabrik_attend). */
+int fabrik_tile_tokens(int G, int D, int bs);
+
+/* out = softmax(q K^T * scale) V for every row of the tile, causal; K and V are read once per tile. */
+void fabrik_attend_tile(const attn_tile *tile);
+
 #endif

@@ -98,21 +98,42 @@ static void norm_rope_head(uint16_t *h, const uint16_t *w, float eps, const uint
 }
 
 
+/* Attention of n_q consecutive new tokens from t (one sequence s) for KV head kvh: one prefill tile when n_q > 1,
+ * else the decode kernel. */
 static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const uint16_t *qkv,
-                   long qkv_row, uint16_t *out, int t, int s, int kvh) {
+                   long qkv_row, uint16_t *out, int t, int n_q, int s, int kvh) {
     int D = M->head_dim, G = M->n_heads / M->n_kv_heads;
     int q_len = B->query_start[s + 1] - B->query_start[s];
-    attn_item it = {
-        .q = qkv + t * qkv_row + (long)kvh * G * D,
-        .out = out + ((long)t * M->n_heads + (long)kvh * G) * D,
-        .k0 = Ly->kv_cache + (long)kvh * M->block_size * D,
-        .table = B->block_tables + (long)s * B->max_blocks,
-        .block_stride = (long)M->n_kv_heads * M->block_size * D,
-        .v_offset = (long)M->num_blocks * M->block_size * M->n_kv_heads * D,
-        .n_keys = B->seq_lens[s] - q_len + (t - B->query_start[s]) + 1,
-        .G = G, .D = D, .bs = M->block_size, .scale = M->scale,
+    attn_tile tile = {
+        .item = {
+            .q = qkv + t * qkv_row + (long)kvh * G * D,
+            .out = out + ((long)t * M->n_heads + (long)kvh * G) * D,
+            .k0 = Ly->kv_cache + (long)kvh * M->block_size * D,
+            .table = B->block_tables + (long)s * B->max_blocks,
+            .block_stride = (long)M->n_kv_heads * M->block_size * D,
+            .v_offset = (long)M->num_blocks * M->block_size * M->n_kv_heads * D,
+            .n_keys = B->seq_lens[s] - q_len + (t - B->query_start[s]) + 1,
+            .G = G, .D = D, .bs = M->block_size, .scale = M->scale,
+        },
+        .q_stride = qkv_row, .out_stride = (long)M->n_heads * D, .n_q = n_q,
     };
-    fabrik_attend(&it);
+    if (n_q > 1) fabrik_attend_tile(&tile);
+    else fabrik_attend(&tile.item);
+}
+
+/* Splits the batch's tokens into attention work: runs of up to `per_tile` tokens of one sequence (1 when there is
+ * no tile kernel); writes (first token, count) pairs and returns how many. */
+static int make_tiles(const fabrik_batch *B, int per_tile, int32_t *tiles) {
+    int n = 0;
+    if (per_tile < 1) per_tile = 1;
+    for (int s = 0; s < B->S; s++)
+        for (int t = B->query_start[s]; t < B->query_start[s + 1]; t += per_tile) {
+            int left = B->query_start[s + 1] - t;
+            tiles[2 * n] = t;
+            tiles[2 * n + 1] = left < per_tile ? left : per_tile;
+            n++;
+        }
+    return n;
 }
 
 static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t *x, int T, uint16_t *out) {
@@ -123,7 +144,7 @@ static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t 
 }
 
 static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const int32_t *seq_of,
-                         uint16_t *x, uint16_t *h, uint16_t *qkv, uint16_t *a, uint16_t *gu, uint16_t *act,
+                         const int32_t *tiles, int n_tiles, uint16_t *x, uint16_t *h, uint16_t *qkv, uint16_t *a, uint16_t *gu, uint16_t *act,
                          const uint16_t *residual) {
     int T = B->T, D = M->head_dim, Hq = M->n_heads, Hkv = M->n_kv_heads, I = M->intermediate;
     long kv_row = (long)Hkv * D, q_row = (long)Hq * D, qkv_row = q_row + 2 * kv_row;
@@ -143,11 +164,11 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
             memcpy(vc + (long)hh * M->block_size * D, v + (long)hh * D, (size_t)D * 2);
         }
     }
-    /* Work items are (token, KV head); causal prefill items differ in length, hence dynamic scheduling. */
+    /* Work items are (tile of tokens, KV head); causal prefill items differ in length, hence dynamic scheduling. */
 #pragma omp parallel for num_threads(M->nthreads) schedule(dynamic, 1)
-    for (long item = 0; item < (long)T * Hkv; item++) {
-        int t = (int)(item / Hkv);
-        attend(M, Ly, B, qkv, qkv_row, a, t, seq_of[t], (int)(item % Hkv));
+    for (long item = 0; item < (long)n_tiles * Hkv; item++) {
+        const int32_t *tile = tiles + 2 * (item / Hkv);
+        attend(M, Ly, B, qkv, qkv_row, a, tile[0], tile[1], seq_of[tile[0]], (int)(item % Hkv));
     }
     if (linear(M, Ly->o, a, T, h)) return -1;
     rmsnorm_rows(M, x, h, Ly->post_norm, T, h);
@@ -175,17 +196,19 @@ int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) 
         if (B->tokens[t] < 0 || B->tokens[t] >= M->vocab) return -3;
     long qd = (long)M->n_heads * M->head_dim, kd = (long)M->n_kv_heads * M->head_dim, I = M->intermediate;
     long elems = (long)T * (2 * H + (qd + 2 * kd) + qd + 3 * I);
-    uint16_t *work = (uint16_t *)malloc((size_t)elems * 2 + (size_t)T * 4);
+    uint16_t *work = (uint16_t *)malloc((size_t)elems * 2 + (size_t)T * 12);
     if (!work) return -1;
     uint16_t *x = work, *h = x + (long)T * H, *qkv = h + (long)T * H, *a = qkv + T * (qd + 2 * kd);
     uint16_t *gu = a + T * qd, *act = gu + T * 2 * I;
     int32_t *seq_of = (int32_t *)(act + T * I);
+    int32_t *tiles = seq_of + T;
     for (int s = 0; s < B->S; s++)
         for (int t = B->query_start[s]; t < B->query_start[s + 1]; t++) seq_of[t] = s;
+    int n_tiles = make_tiles(B, fabrik_tile_tokens(M->n_heads / M->n_kv_heads, M->head_dim, M->block_size), tiles);
     for (int t = 0; t < T; t++) memcpy(x + (long)t * H, M->embed + B->tokens[t] * H, (size_t)H * 2);
     int rc = 0;
     for (int i = 0; i < M->n_layers && rc == 0; i++)
-        rc = layer_forward(M, &M->layers[i], B, seq_of, x, h, qkv, a, gu, act, i ? h : NULL);
+        rc = layer_forward(M, &M->layers[i], B, seq_of, tiles, n_tiles, x, h, qkv, a, gu, act, i ? h : NULL);
     if (rc == 0) rmsnorm_rows(M, x, M->n_layers ? h : NULL, M->final_norm, T, out);
     free(work);
     return rc;

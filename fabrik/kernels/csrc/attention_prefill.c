@@ -1,0 +1,189 @@
+/* Paged attention of a prefill tile (attention.h): up to TILE_ROWS rows (tokens x query heads) of one sequence and
+ * KV head against its cached positions, so that each 16-key chunk of K and V is read and rearranged once for all of
+ * them instead of once per token (the decode kernel, attention.c, scores one row at a time with horizontal sums).
+ *
+ *   per 16-key chunk:  K (16 keys x D)  --transpose-->  kt[D/2]: lane j of kt[p] = key j's dims (2p, 2p + 1)
+ *                      V (16 keys x D)  --interleave--> vi[8][D/16]: keys (2i, 2i + 1) as bf16 pairs
+ *   per row:           s = sum_p vdpbf16ps(kt[p], q pair p)      (16 scores in one vector, no horizontal sums)
+ *                      online softmax on s, then acc += vdpbf16ps(vi, weight pairs)   (as the decode kernel)
+ */
+#include <math.h>
+
+#include "attention.h"
+#include "fabrik.h"
+
+#define TILE_ROWS 32 /* rows of one tile: their running outputs (TILE_ROWS * D floats) stay in L1 / L2 */
+#define RB 4         /* rows scored and summed together */
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include "vexp.h"
+
+int fabrik_tile_tokens(int G, int D, int bs) {
+    (void)bs;
+    if (G < 1 || G > TILE_ROWS || (D != 64 && D != 128 && D != 256)) return 0;
+    return TILE_ROWS / G;
+}
+
+/* r[j] = 16 dwords of row j; afterwards r[p] = dword p of rows 0..15 (a 16 x 16 transpose in 64 shuffles). */
+static inline __attribute__((always_inline)) void transpose16(__m512i *r) {
+    __m512i a[16], b[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) { /* per 128-bit lane: x0 y0 x1 y1 | x2 y2 x3 y3 */
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) { /* b[4i + e], lane L: dword 4L + e of rows 4i .. 4i + 3 */
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+#pragma GCC unroll 4
+    for (int e = 0; e < 4; e++) { /* dword 4L + e of all rows: lane L of b[e], b[4 + e], b[8 + e], b[12 + e] */
+        __m512i s0 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0x44), s1 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0xEE);
+        __m512i s2 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0x44);
+        __m512i s3 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0xEE);
+        r[e] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+        r[4 + e] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+        r[8 + e] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+    }
+}
+
+static inline __attribute__((always_inline)) void tile_fixed(const attn_tile *tile, const int D) {
+    const attn_item *it = &tile->item;
+    const int G = it->G, NC = D / 32, bs = it->bs, rows = tile->n_q * G;
+    const int last_keys = it->n_keys + tile->n_q - 1; /* keys seen by the tile's last token */
+    __m512i kt[D / 2];
+    __m512bh vi[8][2 * NC];
+    __m512 acc[TILE_ROWS][2 * NC];
+    float m[TILE_ROWS], l[TILE_ROWS];
+    for (int r = 0; r < (rows + RB - 1) / RB * RB; r++) {
+        for (int c = 0; c < 2 * NC; c++) acc[r][c] = _mm512_setzero_ps();
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    const __m512 scale = _mm512_set1_ps(it->scale), ninf = _mm512_set1_ps(-INFINITY);
+    for (int t0 = 0; t0 < last_keys; t0 += bs) {
+        const uint16_t *Kb = it->k0 + it->table[t0 / bs] * it->block_stride;
+        int n = last_keys - t0 < bs ? last_keys - t0 : bs;
+        for (int c0 = 0; c0 < n; c0 += 16) {
+            const int cn = n - c0 < 16 ? n - c0 : 16, tc = t0 + c0;
+            const uint16_t *K = Kb + (long)c0 * D, *V = K + it->v_offset;
+            if (tc + 16 < last_keys) { /* the next chunk's K and V toward L2 while this one is computed */
+                int nt = tc + 16, blk = nt / bs, off = nt - blk * bs;
+                const char *nk = (const char *)(it->k0 + it->table[blk] * it->block_stride + (long)off * D);
+                for (long b = 0; b < 16L * D * 2; b += 64) {
+                    __builtin_prefetch(nk + b, 0, 2);
+                    __builtin_prefetch(nk + it->v_offset * 2 + b, 0, 2);
+                }
+            }
+            for (int c = 0; c < NC; c++) { /* rows past cn repeat the last one: their scores are masked */
+                __m512i r[16];
+#pragma GCC unroll 16
+                for (int j = 0; j < 16; j++) r[j] = _mm512_loadu_si512(K + (long)(j < cn ? j : cn - 1) * D + c * 32);
+                transpose16(r);
+#pragma GCC unroll 16
+                for (int p = 0; p < 16; p++) kt[16 * c + p] = r[p];
+            }
+            for (int i = 0; i < 8; i++) { /* an odd last key's partner repeats it with weight 0 */
+                const uint16_t *v0 = V + (long)(2 * i < cn ? 2 * i : cn - 1) * D;
+                const uint16_t *v1 = V + (long)(2 * i + 1 < cn ? 2 * i + 1 : cn - 1) * D;
+                for (int c = 0; c < NC; c++) {
+                    __m512i r0 = _mm512_loadu_si512(v0 + c * 32), r1 = _mm512_loadu_si512(v1 + c * 32);
+                    vi[i][2 * c] = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+                    vi[i][2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+                }
+            }
+            for (int r0 = 0; r0 < rows; r0 += RB) { /* RB rows at a time: each kt / vi load feeds RB of them */
+                const uint32_t *q[RB];
+                __mmask16 valid[RB];
+                int any = 0;
+#pragma GCC unroll 4
+                for (int k = 0; k < RB; k++) { /* rows past the tile repeat its last one, their results unused */
+                    int r = r0 + k < rows ? r0 + k : rows - 1, tok = r / G, seen = it->n_keys + tok - tc;
+                    q[k] = (const uint32_t *)(it->q + tok * tile->q_stride + (long)(r % G) * D);
+                    valid[k] = seen <= 0 ? 0 : (__mmask16)((1u << (seen < cn ? seen : cn)) - 1u); /* causal */
+                    any |= valid[k];
+                }
+                if (!any) continue;
+                __m512 sa[RB], sb[RB]; /* two chains per row: vdpbf16ps latency */
+#pragma GCC unroll 4
+                for (int k = 0; k < RB; k++) sa[k] = sb[k] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+                for (int p = 0; p < D / 2; p += 2) {
+#pragma GCC unroll 4
+                    for (int k = 0; k < RB; k++) {
+                        sa[k] = _mm512_dpbf16_ps(sa[k], (__m512bh)kt[p], (__m512bh)_mm512_set1_epi32((int)q[k][p]));
+                        sb[k] = _mm512_dpbf16_ps(sb[k], (__m512bh)kt[p + 1],
+                                                 (__m512bh)_mm512_set1_epi32((int)q[k][p + 1]));
+                    }
+                }
+                uint32_t pp[RB][8] __attribute__((aligned(32)));
+#pragma GCC unroll 4
+                for (int k = 0; k < RB; k++) {
+                    const int r = r0 + k;
+                    __m512 s = _mm512_mask_mul_ps(ninf, valid[k], _mm512_add_ps(sa[k], sb[k]), scale);
+                    float mx = valid[k] ? _mm512_reduce_max_ps(s) : -INFINITY;
+                    if (mx > m[r]) { /* a new maximum: rescale what was summed so far */
+                        float f = fexp(m[r] - mx);
+                        __m512 a = _mm512_set1_ps(f);
+                        l[r] *= f;
+                        for (int c = 0; c < 2 * NC; c++) acc[r][c] = _mm512_mul_ps(acc[r][c], a);
+                        m[r] = mx;
+                    }
+                    __m512 pr = _mm512_maskz_mov_ps(valid[k], exp512(_mm512_sub_ps(s, _mm512_set1_ps(m[r]))));
+                    l[r] += _mm512_reduce_add_ps(pr);
+                    _mm256_store_si256((__m256i *)pp[k], (__m256i)_mm512_cvtneps_pbh(pr)); /* keys 2i, 2i+1 */
+                }
+                for (int c = 0; c < 2 * NC; c++) {
+                    __m512 o[RB];
+#pragma GCC unroll 4
+                    for (int k = 0; k < RB; k++) o[k] = acc[r0 + k][c];
+#pragma GCC unroll 8
+                    for (int i = 0; i < 8; i++)
+#pragma GCC unroll 4
+                        for (int k = 0; k < RB; k++)
+                            o[k] = _mm512_dpbf16_ps(o[k], vi[i][c], (__m512bh)_mm512_set1_epi32((int)pp[k][i]));
+#pragma GCC unroll 4
+                    for (int k = 0; k < RB; k++) acc[r0 + k][c] = o[k];
+                }
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const int tok = r / G, g = r % G;
+        float inv = 1.0f / l[r], lanes[2][16];
+        uint16_t *o = it->out + tok * tile->out_stride + (long)g * D;
+        for (int c = 0; c < NC; c++) { /* lane q of lo holds d = 32c + 8q + 0..3, of hi d = 32c + 8q + 4..7 */
+            _mm512_storeu_ps(lanes[0], acc[r][2 * c]);
+            _mm512_storeu_ps(lanes[1], acc[r][2 * c + 1]);
+            for (int q = 0; q < 4; q++)
+                for (int e = 0; e < 4; e++) {
+                    o[32 * c + 8 * q + e] = f32_to_bf16(lanes[0][4 * q + e] * inv);
+                    o[32 * c + 8 * q + 4 + e] = f32_to_bf16(lanes[1][4 * q + e] * inv);
+                }
+        }
+    }
+}
+
+void fabrik_attend_tile(const attn_tile *tile) {
+    switch (tile->item.D) {
+    case 64: tile_fixed(tile, 64); break;
+    case 128: tile_fixed(tile, 128); break;
+    default: tile_fixed(tile, 256); break;
+    }
+}
+
+#else
+
+int fabrik_tile_tokens(int G, int D, int bs) {
+    (void)G, (void)D, (void)bs;
+    return 0;
+}
+
+void fabrik_attend_tile(const attn_tile *tile) { (void)tile; }
+
+#endif
