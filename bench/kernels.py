@@ -13,7 +13,7 @@ and prints GB/s (median over repeats) and native / stream. Run:
     .venv/bin/python bench/kernels.py [--batch 1] [--repeats 30] [--threads 2]
 
 With ``--model PATH`` it measures a whole checkpoint instead, through ``fabrik.LLM``: batch-1 greedy decode tok/s
-on the torch, native bf16, int8 and int4 paths (interleaved rounds), then the int8 and int4 accuracy against bf16:
+on the torch, native bf16, int8, int4 and int4-g128 paths (interleaved rounds), then their accuracy against bf16:
 the largest logit difference over a 64-token prompt (teacher-forced, all positions) and the greedy tokens shared
 over 64.
 """
@@ -92,7 +92,7 @@ def bench_model(path: str, rounds: int) -> None:
     from fabrik import LLM, SamplingParams
 
     variants = {"torch bf16": ("torch", None), "native bf16": ("native", None), "native int8": ("native", "int8"),
-                "native int4": ("native", "int4")}
+                "native int4": ("native", "int4"), "native int4-g128": ("native", "int4-g128")}
     ids = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     llms, tokens = {}, {}
     for name, (backend, quantization) in variants.items():
@@ -107,7 +107,7 @@ def bench_model(path: str, rounds: int) -> None:
             tokens[name] = out[0].outputs[0].token_ids
     print(f"{path}: batch-1 greedy decode, 16-token prompt + 64 tokens, median of {rounds} interleaved rounds")
     for name, ts in timings.items():
-        print(f"  {name:<12} {64 / statistics.median(ts[1:]):6.1f} tok/s")
+        print(f"  {name:<16} {64 / statistics.median(ts[1:]):6.1f} tok/s")
     del llms
     logits = {}
     for name, (backend, quantization) in variants.items():
@@ -117,11 +117,11 @@ def bench_model(path: str, rounds: int) -> None:
     reference = logits["native bf16"]
     print(f"  accuracy over a 64-token prompt (teacher-forced), against native bf16 (logit std "
           f"{reference.std().item():.3f}):")
-    for name in ("torch bf16", "native int8", "native int4"):
+    for name in ("torch bf16", "native int8", "native int4", "native int4-g128"):
         diff = (logits[name] - reference).abs().max().item()
         top1 = (logits[name].argmax(-1) == reference.argmax(-1)).float().mean().item()
         same = next((i for i, (a, b) in enumerate(zip(tokens[name], tokens["native bf16"])) if a != b), 64)
-        print(f"  {name:<12} max |logit diff| {diff:.3f}, top-1 agreement {top1:.1%}, greedy: first {same} of 64 "
+        print(f"  {name:<16} max |logit diff| {diff:.3f}, top-1 agreement {top1:.1%}, greedy: first {same} of 64 "
               f"tokens equal")
 
 

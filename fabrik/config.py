@@ -89,15 +89,15 @@ class EngineConfig:
     seed: int = 0
     """Seed of the global RNG used by unseeded sampling requests."""
     quantization: str | None = None
-    """Quantize the weights when they are loaded: None (keep them), int8 or int4 (groups of 32, native kernels)."""
+    """Quantize the weights when they are loaded: None (keep them), int8, int4 (groups of 32), int4-g64, int4-g128."""
     kernels: str | None = None
     """Kernel backend: auto, native, native-avx512, native-avx2 or torch; None reads $FABRIK_KERNELS (default auto)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.quantization not in (None, "int8", "int4"):
-            raise ValueError(f"quantization must be None, int8 or int4, got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "int4", "int4-g64", "int4-g128"):
+            raise ValueError(f"quantization must be None, int8, int4, int4-g64 or int4-g128, got {self.quantization!r}")
         if self.kernels not in (None, "auto", "native", "native-avx512", "native-avx2", "torch"):
             raise ValueError(f"kernels must be auto, native, native-avx512, native-avx2 or torch, got {self.kernels!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

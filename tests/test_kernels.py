@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fabrik.kernels as kernels
 from fabrik import LLM, SamplingParams
 from fabrik.kernels import KernelBackend, NativeBackend, TorchBackend, apply_kernels, select_backend
-from fabrik.kernels.linear import GROUP, int8_reference, quantize_int4, quantize_int8
+from fabrik.kernels.linear import GROUP, int8_reference, quantize, quantize_int4, quantize_int8
 from fabrik.kernels.native import ISA_AVX2, ISA_AVX512, KernelBuildError, best_isa, build, cpu_flags
 
 BEST_ISA = best_isa(cpu_flags())
@@ -80,34 +80,38 @@ def test_int8_quantization_round_trip():
     assert bool(((deq - w).abs() <= bound).all()), f"largest error {float((deq - w).abs().max()):.3e}"
 
 
-def test_int4_quantization_round_trip():
-    w = torch.randn(37, 70) * torch.logspace(-3, 1, 70)
-    w[0, :32] = -w[0, :32].abs()  # a group whose largest magnitude is negative: scale > 0
-    q, scale = quantize_int4(w)
-    assert q.shape == (37, 128) and scale.shape == (37, 4) and scale.dtype == torch.float16
-    assert int(q.min()) >= -8 and int(q.max()) <= 7 and not q[:, 70:].any()
-    deq = (q.float().view(37, 4, GROUP) * scale.float()[..., None]).view(37, 128)[:, :70]
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_quantization_round_trip(group):
+    k, k_pad = 70 + 2 * group, 2 * group + 128  # two whole groups, then a partial one (padded)
+    w = torch.randn(37, k) * torch.logspace(-3, 1, k)
+    w[0, :group] = -w[0, :group].abs()  # a group whose largest magnitude is negative: scale > 0
+    q, scale = quantize_int4(w, group)
+    assert q.shape == (37, k_pad) and scale.shape == (37, k_pad // group) and scale.dtype == torch.float16
+    assert int(q.min()) >= -8 and int(q.max()) <= 7 and not q[:, k:].any()
+    deq = (q.float().view(37, -1, group) * scale.float()[..., None]).view(37, k_pad)[:, :k]
     # Half a step of rounding, or one whole step where +8 was clipped to 7 (a weight near minus the extreme).
-    steps = torch.where(q[:, :70] == 7, 1.0, 0.5)
-    bound = scale.float().abs().repeat_interleave(GROUP, dim=1)[:, :70] * steps * (1 + 1e-2)
+    steps = torch.where(q[:, :k] == 7, 1.0, 0.5)
+    bound = scale.float().abs().repeat_interleave(group, dim=1)[:, :k] * steps * (1 + 1e-2)
     assert bool(((deq - w).abs() <= bound).all()), f"largest error {float((deq - w).abs().max()):.3e}"
     # Q4_0's rule: the largest magnitude of each group is q = -8 exactly (up to the fp16 rounding of its scale).
-    groups = w[:, :64].reshape(37, 2, GROUP)
-    picked = q[:, :64].reshape(37, 2, GROUP).gather(-1, groups.abs().argmax(-1, keepdim=True))
+    groups = w[:, :2 * group].reshape(37, 2, group)
+    picked = q[:, :2 * group].reshape(37, 2, group).gather(-1, groups.abs().argmax(-1, keepdim=True))
     assert bool((picked == -8).all())
+    with pytest.raises(ValueError, match="group size 16"):
+        quantize_int4(w, 16)
 
 
 # int4 rounds each weight by up to half of 1/8 of its group's largest magnitude: the error bound is ~16x int8's.
-_QUANT_BOUNDS = {"int8": (quantize_int8, 3e-2), "int4": (quantize_int4, 3e-1)}
+_QUANT_BOUNDS = {"int8": 3e-2, "int4": 3e-1, "int4-g64": 3e-1, "int4-g128": 3e-1}
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", sorted(_QUANT_BOUNDS))
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_quantized_matches_reference(native, fmt, n, k):
-    quantize, bound = _QUANT_BOUNDS[fmt]
+    bound = _QUANT_BOUNDS[fmt]
     for m in BATCHES:
         w, b, x = _case(n, k, m, seed=7 * n + k + m, bias=m % 2 == 0)
-        q, scale = quantize(w)
+        q, scale = quantize(w, fmt)
         expected = int8_reference(x, q, scale, b)
         ours = native.linear(w, b, fmt, out_dtype=torch.float32)(x)
         err = _rel_err(ours, expected)
@@ -117,10 +121,10 @@ def test_quantized_matches_reference(native, fmt, n, k):
         assert err <= bound, f"M={m} N={n} K={k}: {fmt} vs unquantized: relative error {err:.2e} > {bound}"
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("fmt", sorted(_QUANT_BOUNDS))
 def test_torch_quantized_matches_reference(fmt):
     w, b, x = _case(70, 100, 5, seed=3)
-    q, scale = _QUANT_BOUNDS[fmt][0](w)
+    q, scale = quantize(w, fmt)
     ours = TorchBackend().linear(w, b, fmt, out_dtype=torch.float32)(x)
     err = _rel_err(ours, int8_reference(x, q, scale, b))
     assert err <= 1e-5, f"relative error {err:.2e} > 1e-5"
@@ -240,7 +244,8 @@ def _prefill_logits(model, config, ids: list[int]) -> torch.Tensor:
 
 # This tiny random model (hidden 64) is hard on quantization: int8 lands at ~3.5% / 96%, int4 at ~42% / 43% (its step
 # is 16x coarser); a wrong nibble or scale would give ~100% and chance agreement (0.2%).
-@pytest.mark.parametrize("quantization,max_err,min_top1", [("int8", 5e-2, 0.9), ("int4", 6e-1, 0.3)])
+@pytest.mark.parametrize("quantization,max_err,min_top1", [("int8", 5e-2, 0.9), ("int4", 6e-1, 0.3),
+                                                         ("int4-g128", 6e-1, 0.3)])
 @pytest.mark.parametrize("backend", [*NATIVE_NAMES, "torch"])
 def test_model_quantized_close_to_float32(backend, qwen3_ckpt, quantization, max_err, min_top1):
     from fabrik.loader import load_model
@@ -268,7 +273,7 @@ def test_torch_backend_leaves_model_alone(qwen3_ckpt):
     assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("quantization", [None, "int8", "int4", "int4-g128"])
 def test_engine_properties_hold_on_the_native_path(qwen3_ckpt, quantization):
     """Batch equals single and prefix cache on equals off, with the native kernels doing the matmuls."""
     backend = select_backend("auto")
@@ -305,3 +310,12 @@ def test_release_mapped_pages_keeps_values_and_spares_ordinary_memory(tmp_path):
     assert torch.equal(mapped, before)  # ... and fault back in with the same bytes
     ordinary = torch.ones(2**20)
     assert release_mapped_pages([ordinary]) == 0 and bool((ordinary == 1).all())
+
+
+def test_engine_config_names_a_bad_quantization():
+    from fabrik.config import EngineConfig
+
+    for name in ("int8", "int4", "int4-g64", "int4-g128"):
+        assert EngineConfig(model="m", quantization=name).quantization == name
+    with pytest.raises(ValueError, match="'int4-g32'"):
+        EngineConfig(model="m", quantization="int4-g32")

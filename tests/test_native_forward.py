@@ -131,7 +131,7 @@ def test_prefill_and_chunks_are_bit_identical_decode_is_as_close(backend, reques
     assert worst["fused"] <= 1.5 * worst["modules"] + 0.02, worst
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "int4-g64", "int4-g128"])
 def test_quantized_layers_match_their_modules(backend, qwen3_ckpt, quantization):
     pair = _Pair(qwen3_ckpt, backend, quantization)
     out = pair.step([(0, 0, _tokens(20, 3)), (1, 0, _tokens(6, 4))])

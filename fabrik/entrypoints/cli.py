@@ -18,8 +18,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 4GiB or 512MB")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                        help="quantize the weights at load (groups of 32, native kernels; int4 keeps an int8 LM head)")
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4", "int4-g64", "int4-g128"],
+                        help="quantize the weights at load (groups of 32 unless -g64 / -g128; int4 keeps an int8 LM head)")
     parser.add_argument("--kernels", default=None,
                         choices=["auto", "native", "native-avx512", "native-avx2", "torch"],
                         help="kernel backend (default: $FABRIK_KERNELS, else auto)")

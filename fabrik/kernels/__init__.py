@@ -27,7 +27,7 @@ from fabrik.kernels.native import ISA_AVX2, ISA_AVX512, KernelBuildError, best_i
 logger = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("auto", "native", "native-avx512", "native-avx2", "torch")
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, "int8", "int4", "int4-g64", "int4-g128")
 ENV_VAR = "FABRIK_KERNELS"
 
 
@@ -44,8 +44,8 @@ class KernelBackend(ABC):
         Args:
             weight: (N, K) float32 or bfloat16; native modules keep a packed copy, not this tensor.
             bias: (N,) or None.
-            quantization: None (bf16 weights), "int8" (symmetric, groups of 32 along K) or "int4" (groups of 32,
-                llama.cpp's Q4_0 rule).
+            quantization: None (bf16 weights), "int8" (symmetric, groups of 32 along K), "int4" (groups of 32,
+                llama.cpp's Q4_0 rule), "int4-g64" or "int4-g128" (the same rule over groups of 64 / 128).
             out_dtype: Output dtype; None means the input's.
         """
 
@@ -152,7 +152,7 @@ def apply_kernels(model: nn.Module, backend: KernelBackend | str | None = None,
     Args:
         model: A loaded model (weights materialized, eval mode).
         backend: A backend, a name for ``select_backend``, or None for ``$FABRIK_KERNELS``.
-        quantization: None, "int8" or "int4" (weights quantized now, at load). With int4 the LM head is int8: it is a
+        quantization: One of ``QUANTIZATIONS`` (weights quantized now, at load). With int4 the LM head is int8: it is a
             quarter of the weights and the most sensitive to rounding (llama.cpp keeps it at 6+ bits in Q4_0 too).
         native_forward: On a native backend, also run the whole decoder stack in one native call per step
             (``fabrik.kernels.forward``) when the model allows it (bf16 decoder); False keeps the modules' forward.
@@ -177,7 +177,7 @@ def apply_kernels(model: nn.Module, backend: KernelBackend | str | None = None,
                     release_mapped_pages([child.weight])
         if head is not None:
             weight, bias = head
-            head_quantization = "int8" if quantization == "int4" else quantization
+            head_quantization = "int8" if quantization and quantization.startswith("int4") else quantization
             model.lm_head_kernel = backend.linear(weight, bias, head_quantization, out_dtype=torch.float32)
             # A tied table stays the input embedding, but only a few rows of it are read per step.
             release_mapped_pages([weight])

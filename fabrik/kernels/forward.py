@@ -20,7 +20,7 @@ from fabrik.kernels.linear import NativeLinear
 from fabrik.kernels.native import NativeLibrary
 from fabrik.models.attention import AttentionMetadata
 
-FMT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
+FMT_CODES = {"bf16": 0, "int8": 1, "int4": 2, "int4-g64": 2, "int4-g128": 2}  # int4 group sizes: in the descriptors
 _MAX_GROUP = 16
 _MAX_HEAD_DIM = 512
 

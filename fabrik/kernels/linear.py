@@ -16,10 +16,13 @@ Layouts (N output rows padded to a multiple of 16 with zero rows; the kernels ne
     int4, (N/16, K/64, 576):   the int8 unit with two weights per byte: byte j of line c (c = 0..7) holds group 0's
                                int8 byte 64c+j in its low nibble and group 1's in its high nibble, as q + 8;
                                then the same 64 bytes of fp16 scales.
+    int4-g64, (N/16, K/64, 544):    the same 512 bytes of data, then one fp16 scale per row for the unit's 64 K.
+    int4-g128, (N/16, K/128, 1056): two units' data, then one fp16 scale per row for their 128 K.
 
 Quantization (``quantize_int8``): symmetric per row and group of 32 along K, scale = fp16(absmax / 127),
-q = clamp(round(w / scale), -127, 127). ``quantize_int4`` (llama.cpp's Q4_0 rule): per group, m = the weight of
-largest magnitude (signed), scale = fp16(m / -8), q = clamp(round(w / scale), -8, 7), so m itself is exact.
+q = clamp(round(w / scale), -127, 127). ``quantize_int4`` (llama.cpp's Q4_0 rule): per group of 32, 64 or 128,
+m = the weight of largest magnitude (signed), scale = fp16(m / -8), q = clamp(round(w / scale), -8, 7), so m itself
+is exact. Larger groups store fewer scales (4.5, 4.25, 4.125 bits per weight) and round more coarsely.
 The kernels quantize activations to int8 per group of 32 (fp32 scale) and compute each group's dot product
 exactly in int32.
 """
@@ -48,7 +51,9 @@ UNIT_BYTES4 = GROUP * ROWS + 2 * ROWS * 2
 _QUANT_ROWS = 8192
 """Rows quantized at a time, so that a 151,936-row LM head does not need several fp32 copies at once."""
 
-FORMATS = ("bf16", "int8", "int4")
+FORMATS = ("bf16", "int8", "int4", "int4-g64", "int4-g128")
+INT4_GROUPS = {"int4": 32, "int4-g64": 64, "int4-g128": 128}
+"""Weights per fp16 scale of each int4 format."""
 _X_FLAGS = {torch.bfloat16: X_BF16, torch.float32: 0}
 _OUT_FLAGS = {torch.bfloat16: OUT_BF16, torch.float32: 0}
 
@@ -67,18 +72,24 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     return w.view(n_pad // ROWS, ROWS, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()  # (Nb, Kp/2, 16, 2)
 
 
-def _quantize_groups(weight: torch.Tensor, group_scale, q_min: int, q_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row and group of 32 along K (K zero-padded to a multiple of 64): scale = fp16(group_scale(group)),
+def padded_k(k: int, group: int = GROUP) -> int:
+    """K of the packed int8 / int4 layouts: whole units of 64, or of 128 with groups of 128."""
+    return _round_up(k, max(UNIT_K, group))
+
+
+def _quantize_groups(weight: torch.Tensor, group_scale, q_min: int, q_max: int,
+                     group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and group along K (K zero-padded by ``padded_k``): scale = fp16(group_scale(group)),
     q = clamp(round(w / scale), q_min, q_max); a zero scale gives q = 0."""
     n, k = weight.shape
-    k_pad = _round_up(k, UNIT_K)
+    k_pad = padded_k(k, group)
     q = torch.empty((n, k_pad), dtype=torch.int8)
-    scale = torch.empty((n, k_pad // GROUP), dtype=torch.float16)
+    scale = torch.empty((n, k_pad // group), dtype=torch.float16)
     for r0 in range(0, n, _QUANT_ROWS):
         w = weight[r0:r0 + _QUANT_ROWS].detach().float()
         if k_pad != k:
             w = F.pad(w, (0, k_pad - k))
-        w = w.view(w.shape[0], -1, GROUP)  # (rows, G, 32)
+        w = w.view(w.shape[0], -1, group)  # (rows, groups, group)
         s = group_scale(w).to(torch.float16)  # (rows, G)
         s32 = s.float()
         inv = torch.where(s32 != 0, 1.0 / s32, torch.zeros_like(s32))
@@ -97,23 +108,27 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_groups(weight, lambda w: w.abs().amax(dim=-1) / 127.0, -127, 127)
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantizes an (N, K) weight to 4 bits per row and group of 32 along K (K zero-padded to a multiple of 64).
+def quantize_int4(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantizes an (N, K) weight to 4 bits per row and group of ``group`` (32, 64 or 128) along K (K zero-padded to
+    a multiple of 64, or of 128 with groups of 128).
 
     Returns:
-        (q, scale): q (N, Kp) int8 in [-8, 7]; scale (N, Kp / 32) float16 (negative when the group's largest
+        (q, scale): q (N, Kp) int8 in [-8, 7]; scale (N, Kp / group) float16 (negative when the group's largest
         magnitude is positive); w ~ q * scale per group.
     """
+    if group not in INT4_GROUPS.values():
+        raise ValueError(f"int4 group size {group} is not one of {sorted(INT4_GROUPS.values())}")
     # The weight of largest magnitude, signed, lands exactly on q = -8.
     return _quantize_groups(weight, lambda w: w.gather(-1, w.abs().argmax(dim=-1, keepdim=True))[..., 0] / -8.0,
-                            -8, 7)
+                            -8, 7, group)
 
 
 def _pack_units(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Interleaves quantized (N, Kp) weights and their (N, Kp / 32) scales into the units of ``bits`` (8 or 4)."""
+    """Interleaves quantized (N, Kp) weights and their (N, Kp / group) scales into the units of ``bits`` (8 or 4;
+    the group size follows from the shapes)."""
     n, k_pad = q.shape
     n_pad = _round_up(n, ROWS)
-    nb, units = n_pad // ROWS, k_pad // UNIT_K
+    nb, units, group = n_pad // ROWS, k_pad // UNIT_K, k_pad // scale.shape[1]
     zero = 128 if bits == 8 else 8  # stored as q + zero: the unsigned side of vpdpbusd
     u = (q.to(torch.int16) + zero).to(torch.uint8)
     s = scale
@@ -125,27 +140,27 @@ def _pack_units(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor
         data = lines.reshape(nb, units, 2 * GROUP * ROWS)  # line c of group 0, then of group 1
     else:
         data = (lines[:, :, :, 0] | (lines[:, :, :, 1] << 4)).reshape(nb, units, GROUP * ROWS)  # group 1 high
-    scales = s.view(nb, ROWS, units, 2).permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(nb, units, 4 * ROWS)
-    return torch.cat((data, scales), dim=-1).contiguous()  # (Nb, Kp/64, UNIT_BYTES or UNIT_BYTES4)
+    if group == GROUP:
+        scales = s.view(nb, ROWS, units, 2).permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(nb, units, 4 * ROWS)
+        return torch.cat((data, scales), dim=-1).contiguous()  # (Nb, Kp/64, UNIT_BYTES or UNIT_BYTES4)
+    per = group // UNIT_K  # units sharing one line of 16 scales
+    data = data.reshape(nb, units // per, per * data.shape[-1])
+    scales = s.view(nb, ROWS, units // per).permute(0, 2, 1).contiguous().view(torch.uint8)  # (Nb, supers, 32)
+    return torch.cat((data, scales), dim=-1).contiguous()  # (Nb, Kp/group, per * 512 + 32)
 
 
-def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Interleaves ``quantize_int8``'s output into 1088-byte units: (ceil(N/16), Kp/64, 1088) uint8."""
-    return _pack_units(q, scale, 8)
-
-
-def pack_int4(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Interleaves ``quantize_int4``'s output into 576-byte units: (ceil(N/16), Kp/64, 576) uint8."""
-    return _pack_units(q, scale, 4)
+def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) of an (N, K) weight in ``fmt`` ("int8" or one of ``INT4_GROUPS``)."""
+    if fmt == "int8":
+        return quantize_int8(weight)
+    if fmt in INT4_GROUPS:
+        return quantize_int4(weight, INT4_GROUPS[fmt])
+    raise ValueError(f"format {fmt!r} is not int8 or one of {tuple(INT4_GROUPS)}")
 
 
 def quantize_and_pack(weight: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The packed blocks of an (N, K) weight in ``fmt`` ("int8" or "int4")."""
-    if fmt == "int8":
-        return pack_int8(*quantize_int8(weight))
-    if fmt == "int4":
-        return pack_int4(*quantize_int4(weight))
-    raise ValueError(f"format {fmt!r} is not int8 or int4")
+    """The packed blocks of an (N, K) weight in ``fmt`` ("int8" or one of ``INT4_GROUPS``)."""
+    return _pack_units(*quantize(weight, fmt), 8 if fmt == "int8" else 4)
 
 
 def quantize_activations(x: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +182,8 @@ def quantize_activations(x: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, tor
 
 
 def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """What the int8 and int4 kernels compute, in float64: quantized activations times quantized weights, per group.
+    """What the int8 and int4 kernels compute, in float64: quantized activations times quantized weights, per group
+    of 32 (a weight scale of a larger group applies to each of its groups of 32).
 
     Args:
         x: (M, K) activations.
@@ -177,6 +193,7 @@ def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: 
     Returns:
         (M, N) float64.
     """
+    scale = scale.repeat_interleave(q.shape[1] // GROUP // scale.shape[1], dim=1)  # (N, Kp / 32)
     xq, xs = quantize_activations(x, q.shape[1])
     m, g = xs.shape
     dots = torch.einsum("mgk,ngk->mng", xq.double().view(m, g, GROUP), q.double().view(q.shape[0], g, GROUP))
@@ -206,19 +223,20 @@ class NativeLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.fmt = fmt
         self.out_dtype = out_dtype
+        group = INT4_GROUPS.get(fmt, GROUP)
         if fmt == "bf16":
             packed, k_pad = pack_bf16(weight), _round_up(self.in_features, 2)
         else:
-            packed, k_pad = quantize_and_pack(weight, fmt), _round_up(self.in_features, UNIT_K)
+            packed, k_pad = quantize_and_pack(weight, fmt), padded_k(self.in_features, group)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
         self._descriptor = LinearDescriptor(
             weight=packed.data_ptr(), bias=None if bias is None else self.bias.data_ptr(), n=self.out_features,
-            k=self.in_features, kp=k_pad, nblocks=packed.shape[0], nthreads=num_threads, isa=isa)
+            k=self.in_features, kp=k_pad, nblocks=packed.shape[0], nthreads=num_threads, isa=isa, group=group)
         # NOTE: the descriptor holds raw pointers; ``packed`` and ``bias`` must never be replaced or moved (no
         # ``.to()``), which is why the module has no parameters.
         self._address = ctypes.addressof(self._descriptor)  # a plain int: calls convert nothing
-        self._kernel = {"bf16": library.linear_bf16, "int8": library.linear_int8, "int4": library.linear_int4}[fmt]
+        self._kernel = {"bf16": library.linear_bf16, "int8": library.linear_int8}.get(fmt, library.linear_int4)
 
     @classmethod
     def concatenated(cls, parts: Sequence[NativeLinear]) -> NativeLinear:
@@ -252,7 +270,7 @@ class NativeLinear(nn.Module):
         d = first._descriptor
         joint._descriptor = LinearDescriptor(
             weight=packed.data_ptr(), bias=None if bias is None else bias.data_ptr(), n=joint.out_features,
-            k=d.k, kp=d.kp, nblocks=packed.shape[0], nthreads=d.nthreads, isa=d.isa)
+            k=d.k, kp=d.kp, nblocks=packed.shape[0], nthreads=d.nthreads, isa=d.isa, group=d.group)
         joint._address = ctypes.addressof(joint._descriptor)
         block, row = 0, 0
         for part in parts:
@@ -291,14 +309,14 @@ class NativeLinear(nn.Module):
 
 
 class TorchQuantizedLinear(nn.Module):
-    """The int8 (or int4) format computed with torch ops (dequantize, then ``F.linear`` in float32): the reference
+    """The int8 (or an int4) format computed with torch ops (dequantize, then ``F.linear`` in float32): the reference
     path for CPUs without AVX2. Correct, but slower than bf16: it is not a fast path."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype | None = None,
                  fmt: str = "int8") -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        q, scale = quantize_int8(weight) if fmt == "int8" else quantize_int4(weight)
+        q, scale = quantize(weight, fmt)
         self.register_buffer("q", q, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
@@ -309,6 +327,7 @@ class TorchQuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         xq, xs = quantize_activations(x2, self.q.shape[1])
         x_deq = (xq.view(xq.shape[0], -1, GROUP) * xs[..., None]).view(xq.shape)  # (M, Kp)
-        w_deq = (self.q.float().view(self.out_features, -1, GROUP) * self.scale.float()[..., None]).view(self.q.shape)
+        group = self.q.shape[1] // self.scale.shape[1]
+        w_deq = (self.q.float().view(self.out_features, -1, group) * self.scale.float()[..., None]).view(self.q.shape)
         out = F.linear(x_deq, w_deq, self.bias)  # (M, N) float32
         return out.to(self.out_dtype or x.dtype).view(*lead, self.out_features)

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY_NAME = "libfabrik_kernels.so"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 ISA_AVX512 = 1
 """AVX-512 F/BW/VL + BF16 + VNNI kernels (``isa`` field of the C layer descriptor)."""
@@ -55,6 +55,7 @@ class LinearDescriptor(ctypes.Structure):
         ("nblocks", ctypes.c_int32),
         ("nthreads", ctypes.c_int32),
         ("isa", ctypes.c_int32),
+        ("group", ctypes.c_int32),
     ]
 
 

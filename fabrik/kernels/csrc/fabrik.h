@@ -7,7 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define FABRIK_ABI_VERSION 3
+#define FABRIK_ABI_VERSION 4
 
 #define ISA_AVX512 1
 #define ISA_AVX2 2
@@ -26,6 +26,7 @@ typedef struct {
     int32_t nblocks;    /* ceil(N / 16) */
     int32_t nthreads;
     int32_t isa;        /* ISA_AVX512 or ISA_AVX2 */
+    int32_t group;      /* weights per quantization scale along K: 32 (int8, int4), 64 or 128 (int4) */
 } fabrik_linear;
 
 int fabrik_linear_bf16(const fabrik_linear *L, const void *x, int M, void *out, int flags);

@@ -18,6 +18,8 @@
  *   int4: the int8 layout with two nibbles per byte, units of 576 bytes: 8 lines of 64 bytes whose low nibbles are
  *         the int8 layout's group-0 line c and high nibbles its group-1 line c, then the same 64 bytes of scales.
  *         Stored as q + 8 (q in [-8, 7]); one load and two masks give the two lines the int8 kernel reads.
+ *         With groups of 64 one fp16 scale per row covers the unit (544 bytes); with groups of 128 two units' data
+ *         share one (1056 bytes per 128 K): [512 bytes of data][512 bytes of data][fp16 scale of rows 0..15].
  *
  * Threads split the blocks into contiguous ranges, so each thread reads one sequential stream; each loaded weight
  * block is used for up to MT rows of x before moving on (the block stays in L1/L2 for the next MT rows).
@@ -326,16 +328,27 @@ static void quantize_x(const void *x, int flags, int M, int K, int Kp, quant_x *
 
 /* BITS 8 or 4 (a constant after inlining): the two formats differ only in how a unit's lines are loaded, where its
  * scales sit, and the zero point removed (128 or 8 times the group's sum of x_q; corr holds the 128 one). */
+/* Where a block's 64-K unit s keeps its data and its scales, for BITS and GS (weights per scale) constants:
+ * units of GS = 128 pair up behind one line of 16 scales; GS = 64 has one line per unit; GS = 32 two lines. */
+#define UNIT_DATA(BITS) ((BITS) == 8 ? UNIT_BYTES - 64 : UNIT_BYTES4 - 64)
+#define SUPER_UNITS(GS) ((GS) == 128 ? 2 : 1)
+#define SUPER_BYTES(BITS, GS) (SUPER_UNITS(GS) * UNIT_DATA(BITS) + ((GS) == 32 ? 64 : 32))
+static inline const uint8_t *unit_data(const uint8_t *blk, int s, int BITS, int GS) {
+    return blk + (long)(s / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS) + (long)(s % SUPER_UNITS(GS)) * UNIT_DATA(BITS);
+}
+static inline const uint8_t *unit_scales(const uint8_t *blk, int s, int BITS, int GS) {
+    return blk + (long)(s / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS) + SUPER_UNITS(GS) * UNIT_DATA(BITS);
+}
+
 INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
-                                 void *out, int flags, int n0, int BITS) {
+                                 void *out, int flags, int n0, int BITS, int GS) {
     int S = L->kp / UNIT_K, G = L->kp / GROUP;
-    long unit_bytes = BITS == 8 ? UNIT_BYTES : UNIT_BYTES4, data_bytes = unit_bytes - 64;
     const __m512i nibble = _mm512_set1_epi8(0x0f);
     __m512 facc[6];
 #pragma GCC unroll 6
     for (int i = 0; i < MT; i++) facc[i] = _mm512_setzero_ps();
     for (int s = 0; s < S; s++) {
-        const uint8_t *u = blk + (long)s * unit_bytes;
+        const uint8_t *u = unit_data(blk, s, BITS, GS), *sc = unit_scales(blk, s, BITS, GS);
         __m512i a0[6], a1[6];
 #pragma GCC unroll 6
         for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm512_setzero_si512();
@@ -362,8 +375,8 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
                 a1[i] = _mm512_dpbusd_epi32(a1[i], w1, _mm512_set1_epi32(xq[8 + c]));
             }
         }
-        __m512 sc0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u + data_bytes)));
-        __m512 sc1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(u + data_bytes + 32)));
+        __m512 sc0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+        __m512 sc1 = GS == 32 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 32))) : sc0;
 #pragma GCC unroll 6
         for (int i = 0; i < MT; i++) {
             long gi = (long)(m0 + i) * G + 2 * s;
@@ -380,10 +393,10 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
 
 /* One run function per format, so that BITS is a literal inside the OpenMP region (an outlined region would
  * otherwise receive it as a runtime value and keep both formats' branches in the inner loop). */
-#define QUANT_RUN_AVX512(NAME, BITS)                                                                                  \
+#define QUANT_RUN_AVX512(NAME, BITS, GS)                                                                              \
     T512 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {                  \
         const uint8_t *W = (const uint8_t *)L->weight;                                                              \
-        long block_bytes = (long)(L->kp / UNIT_K) * (BITS == 8 ? UNIT_BYTES : UNIT_BYTES4);                         \
+        long block_bytes = (long)(L->kp / UNIT_K / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS);                        \
         _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
             int b0, b1;                                                                                             \
             thread_blocks(L->nblocks, &b0, &b1);                                                                    \
@@ -391,20 +404,22 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
                 const uint8_t *blk = W + b * block_bytes;                                                           \
                 for (int m = 0; m < M; m += 6) {                                                                    \
                     switch (M - m < 6 ? M - m : 6) {                                                                \
-                    case 1: quant_tile_avx512(L, blk, qx, m, 1, out, flags, b * ROWS, BITS); break;                 \
-                    case 2: quant_tile_avx512(L, blk, qx, m, 2, out, flags, b * ROWS, BITS); break;                 \
-                    case 3: quant_tile_avx512(L, blk, qx, m, 3, out, flags, b * ROWS, BITS); break;                 \
-                    case 4: quant_tile_avx512(L, blk, qx, m, 4, out, flags, b * ROWS, BITS); break;                 \
-                    case 5: quant_tile_avx512(L, blk, qx, m, 5, out, flags, b * ROWS, BITS); break;                 \
-                    default: quant_tile_avx512(L, blk, qx, m, 6, out, flags, b * ROWS, BITS); break;                \
+                    case 1: quant_tile_avx512(L, blk, qx, m, 1, out, flags, b * ROWS, BITS, GS); break;             \
+                    case 2: quant_tile_avx512(L, blk, qx, m, 2, out, flags, b * ROWS, BITS, GS); break;             \
+                    case 3: quant_tile_avx512(L, blk, qx, m, 3, out, flags, b * ROWS, BITS, GS); break;             \
+                    case 4: quant_tile_avx512(L, blk, qx, m, 4, out, flags, b * ROWS, BITS, GS); break;             \
+                    case 5: quant_tile_avx512(L, blk, qx, m, 5, out, flags, b * ROWS, BITS, GS); break;             \
+                    default: quant_tile_avx512(L, blk, qx, m, 6, out, flags, b * ROWS, BITS, GS); break;            \
                     }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
         }                                                                                                           \
     }
 
-QUANT_RUN_AVX512(int8_run_avx512, 8)
-QUANT_RUN_AVX512(int4_run_avx512, 4)
+QUANT_RUN_AVX512(int8_run_avx512, 8, 32)
+QUANT_RUN_AVX512(int4_run_avx512, 4, 32)
+QUANT_RUN_AVX512(int4g64_run_avx512, 4, 64)
+QUANT_RUN_AVX512(int4g128_run_avx512, 4, 128)
 
 /* AVX2: vpmaddwd on zero-extended weights (no VNNI); 4 rows x 4 K per 128-bit piece, pairs summed at group end. */
 INLINE256 __m256i hsum_rows_avx2(__m256i a, __m256i b) { /* (rows 0-3 pairs, rows 4-7 pairs) -> rows 0..7 */
@@ -412,15 +427,14 @@ INLINE256 __m256i hsum_rows_avx2(__m256i a, __m256i b) { /* (rows 0-3 pairs, row
 }
 
 INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
-                               void *out, int flags, int n0, int BITS) {
+                               void *out, int flags, int n0, int BITS, int GS) {
     int S = L->kp / UNIT_K, G = L->kp / GROUP;
-    long unit_bytes = BITS == 8 ? UNIT_BYTES : UNIT_BYTES4, data_bytes = unit_bytes - 64;
     const __m128i nibble = _mm_set1_epi8(0x0f);
     __m256 lo[2], hi[2];
 #pragma GCC unroll 2
     for (int i = 0; i < MT; i++) lo[i] = hi[i] = _mm256_setzero_ps();
     for (int s = 0; s < S; s++) {
-        const uint8_t *u = blk + (long)s * unit_bytes;
+        const uint8_t *u = unit_data(blk, s, BITS, GS), *sc = unit_scales(blk, s, BITS, GS);
         for (int g = 0; g < 2; g++) {
             __m256i acc[2][4];
 #pragma GCC unroll 2
@@ -447,8 +461,9 @@ INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const
                     for (int j = 0; j < 4; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w16[j], xv));
                 }
             }
-            __m256 sc_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + data_bytes + g * 32)));
-            __m256 sc_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(u + data_bytes + g * 32 + 16)));
+            const uint8_t *scg = sc + (GS == 32 ? g * 32 : 0);
+            __m256 sc_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scg));
+            __m256 sc_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scg + 16)));
 #pragma GCC unroll 2
             for (int i = 0; i < MT; i++) {
                 long gi = (long)(m0 + i) * G + 2 * s + g;
@@ -470,10 +485,10 @@ INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const
     }
 }
 
-#define QUANT_RUN_AVX2(NAME, BITS)                                                                                    \
+#define QUANT_RUN_AVX2(NAME, BITS, GS)                                                                                \
     T256 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {                  \
         const uint8_t *W = (const uint8_t *)L->weight;                                                              \
-        long block_bytes = (long)(L->kp / UNIT_K) * (BITS == 8 ? UNIT_BYTES : UNIT_BYTES4);                         \
+        long block_bytes = (long)(L->kp / UNIT_K / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS);                        \
         _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
             int b0, b1;                                                                                             \
             thread_blocks(L->nblocks, &b0, &b1);                                                                    \
@@ -481,16 +496,20 @@ INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const
                 const uint8_t *blk = W + b * block_bytes;                                                           \
                 for (int m = 0; m < M; m += 2) {                                                                    \
                     if (M - m == 1)                                                                                 \
-                        quant_tile_avx2(L, blk, qx, m, 1, out, flags, b * ROWS, BITS);                              \
+                        quant_tile_avx2(L, blk, qx, m, 1, out, flags, b * ROWS, BITS, GS);                          \
                     else                                                                                            \
-                        quant_tile_avx2(L, blk, qx, m, 2, out, flags, b * ROWS, BITS);                              \
+                        quant_tile_avx2(L, blk, qx, m, 2, out, flags, b * ROWS, BITS, GS);                          \
                 }                                                                                                   \
             }                                                                                                       \
         }                                                                                                           \
     }
 
-QUANT_RUN_AVX2(int8_run_avx2, 8)
-QUANT_RUN_AVX2(int4_run_avx2, 4)
+QUANT_RUN_AVX2(int8_run_avx2, 8, 32)
+QUANT_RUN_AVX2(int4_run_avx2, 4, 32)
+QUANT_RUN_AVX2(int4g64_run_avx2, 4, 64)
+QUANT_RUN_AVX2(int4g128_run_avx2, 4, 128)
+
+typedef void (*quant_run)(const fabrik_linear *, const quant_x *, int, void *, int);
 
 static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out, int flags, int bits) {
     int Kp = L->kp, G = Kp / GROUP;
@@ -503,10 +522,12 @@ static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out,
         rc = -1;
     } else {
         quantize_x(x, flags, M, L->k, Kp, &qx);
-        if (L->isa == ISA_AVX512)
-            (bits == 8 ? int8_run_avx512 : int4_run_avx512)(L, &qx, M, out, flags);
-        else
-            (bits == 8 ? int8_run_avx2 : int4_run_avx2)(L, &qx, M, out, flags);
+        int avx512 = L->isa == ISA_AVX512;
+        quant_run run = bits == 8          ? (avx512 ? int8_run_avx512 : int8_run_avx2)
+                        : L->group == 128 ? (avx512 ? int4g128_run_avx512 : int4g128_run_avx2)
+                        : L->group == 64  ? (avx512 ? int4g64_run_avx512 : int4g64_run_avx2)
+                                          : (avx512 ? int4_run_avx512 : int4_run_avx2);
+        run(L, &qx, M, out, flags);
     }
     free(qx.q);
     free(qx.scale);
