@@ -300,29 +300,57 @@ typedef struct {
     int32_t *corr; /* (M, Kp / 32): 128 * sum of q over the group (removes the +128 of the weights) */
 } quant_x;
 
-/* Quantizes x per group of 32: scale = absmax / 127, q = round-half-even(x * 127 / absmax). */
-static void quantize_x(const void *x, int flags, int M, int K, int Kp, quant_x *qx) {
-    int G = Kp / GROUP;
+/* Quantizes group g of row m of x: scale = absmax / 127, q = round-half-even(x * (127 / absmax)). */
+static void quantize_group(const void *x, int flags, int m, int g, int K, int Kp, quant_x *qx) {
+    float v[GROUP], amax = 0.0f;
+    for (int j = 0; j < GROUP; j++) {
+        int k = g * GROUP + j;
+        v[j] = k < K ? load_x(x, flags, (long)m * K + k) : 0.0f;
+        float a = fabsf(v[j]);
+        amax = a > amax ? a : amax;
+    }
+    int8_t *q = qx->q + (long)m * Kp + g * GROUP;
+    int32_t sum = 0;
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int j = 0; j < GROUP; j++) {
+        int qi = (int)nearbyintf(v[j] * inv);
+        q[j] = (int8_t)qi;
+        sum += qi;
+    }
+    qx->scale[(long)m * (Kp / GROUP) + g] = amax / 127.0f;
+    qx->corr[(long)m * (Kp / GROUP) + g] = 128 * sum;
+}
+
+/* The same on 16 lanes for the whole groups of a bf16 row (the native forward's activations), the scalar code for
+ * the rest: the same float operations, so the same results. */
+T512 static void quantize_row_avx512(const void *x, int flags, int m, int K, int Kp, quant_x *qx) {
+    int G = Kp / GROUP, whole = (flags & X_BF16) ? K / GROUP : 0;
+    const uint16_t *xr = (const uint16_t *)x + (long)m * K;
+    for (int g = 0; g < whole; g++) {
+        __m512i raw = _mm512_loadu_si512(xr + g * GROUP); /* 32 bf16 */
+        __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+        __m512 v1 = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+        int8_t *q = qx->q + (long)m * Kp + g * GROUP;
+        _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+        qx->scale[(long)m * G + g] = amax / 127.0f;
+        qx->corr[(long)m * G + g] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+    for (int g = whole; g < G; g++) quantize_group(x, flags, m, g, K, Kp, qx);
+}
+
+/* Quantizes every row of x, over the threads when there are enough rows. */
+static void quantize_x(const fabrik_linear *L, const void *x, int flags, int M, quant_x *qx) {
+#pragma omp parallel for num_threads(L->nthreads) if (M >= 8) schedule(static)
     for (int m = 0; m < M; m++) {
-        for (int g = 0; g < G; g++) {
-            float v[GROUP], amax = 0.0f;
-            for (int j = 0; j < GROUP; j++) {
-                int k = g * GROUP + j;
-                v[j] = k < K ? load_x(x, flags, (long)m * K + k) : 0.0f;
-                float a = fabsf(v[j]);
-                amax = a > amax ? a : amax;
-            }
-            int8_t *q = qx->q + (long)m * Kp + g * GROUP;
-            int32_t sum = 0;
-            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            for (int j = 0; j < GROUP; j++) {
-                int qi = (int)nearbyintf(v[j] * inv);
-                q[j] = (int8_t)qi;
-                sum += qi;
-            }
-            qx->scale[(long)m * G + g] = amax / 127.0f;
-            qx->corr[(long)m * G + g] = 128 * sum;
-        }
+        if (L->isa == ISA_AVX512)
+            quantize_row_avx512(x, flags, m, L->k, L->kp, qx);
+        else
+            for (int g = 0; g < L->kp / GROUP; g++) quantize_group(x, flags, m, g, L->k, L->kp, qx);
     }
 }
 
@@ -521,7 +549,7 @@ static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out,
     if (!qx.q || !qx.scale || !qx.corr) {
         rc = -1;
     } else {
-        quantize_x(x, flags, M, L->k, Kp, &qx);
+        quantize_x(L, x, flags, M, &qx);
         int avx512 = L->isa == ISA_AVX512;
         quant_run run = bits == 8          ? (avx512 ? int8_run_avx512 : int8_run_avx2)
                         : L->group == 128 ? (avx512 ? int4g128_run_avx512 : int4g128_run_avx2)
