@@ -354,6 +354,13 @@ static void quantize_x(const fabrik_linear *L, const void *x, int flags, int M, 
     }
 }
 
+/* acc += w (unsigned bytes) . broadcast(*x) (4 signed bytes) with the broadcast folded into the instruction
+ * ({1to16}): GCC emits a separate vpbroadcastd for _mm512_set1_epi32 here, one extra uop per vpdpbusd. */
+INLINE512 __m512i dpbusd_bcast(__m512i acc, __m512i w, const i32_alias *x) {
+    __asm__("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
+    return acc;
+}
+
 /* BITS 8 or 4 (a constant after inlining): the two formats differ only in how a unit's lines are loaded, where its
  * scales sit, and the zero point removed (128 or 8 times the group's sum of x_q; corr holds the 128 one). */
 /* Where a block's 64-K unit s keeps its data and its scales, for BITS and GS (weights per scale) constants:
@@ -399,8 +406,8 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
 #pragma GCC unroll 6
             for (int i = 0; i < MT; i++) {
                 const i32_alias *xq = (const i32_alias *)(qx->q + (long)(m0 + i) * L->kp + s * UNIT_K);
-                a0[i] = _mm512_dpbusd_epi32(a0[i], w0, _mm512_set1_epi32(xq[c]));
-                a1[i] = _mm512_dpbusd_epi32(a1[i], w1, _mm512_set1_epi32(xq[8 + c]));
+                a0[i] = dpbusd_bcast(a0[i], w0, xq + c);
+                a1[i] = dpbusd_bcast(a1[i], w1, xq + 8 + c);
             }
         }
         __m512 sc0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
