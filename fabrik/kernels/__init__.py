@@ -4,8 +4,8 @@ A backend turns a loaded weight into a module that computes ``x W^T + b``; ``app
 ``nn.Linear`` of a model (and its LM head) for the backend's modules. Backends today:
 
     torch          the reference: ``nn.Linear`` as loaded (int8: dequantize-and-matmul in torch, slow)
-    native-avx512  csrc/linear.c, AVX-512 BF16 (``vdpbf16ps``) and VNNI (``vpdpbusd``) kernels
-    native-avx2    csrc/linear.c, AVX2 + FMA kernels (same layouts)
+    native-avx512  csrc/linear*.c, AVX-512 BF16 (``vdpbf16ps``) and VNNI (``vpdpbusd``) kernels
+    native-avx2    csrc/linear*.c, AVX2 + FMA kernels (same layouts)
 
 ``FABRIK_KERNELS=auto|native|native-avx512|native-avx2|torch`` picks one (default auto: the best native kernels the
 CPU runs, else torch). A GPU backend would subclass ``KernelBackend`` and be added to ``select_backend``.

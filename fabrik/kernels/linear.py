@@ -1,5 +1,5 @@
 """Linear layers on packed weights: the bf16 and int8 layouts, int8 quantization, and the modules that call the
-native kernels (see csrc/linear.c and docs/kernels.md).
+native kernels (see csrc/linear.c, csrc/linear_quant.c and docs/kernels.md).
 
 Layouts (N output rows padded to a multiple of 16 with zero rows; the kernels never write the padded outputs)::
 

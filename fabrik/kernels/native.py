@@ -44,7 +44,7 @@ class KernelBuildError(RuntimeError):
 
 
 class LinearDescriptor(ctypes.Structure):
-    """Mirror of ``fabrik_linear`` in csrc/linear.c: one packed layer, filled once, passed by address."""
+    """Mirror of ``fabrik_linear`` in csrc/fabrik.h: one packed layer, filled once, passed by address."""
 
     _fields_ = [
         ("weight", ctypes.c_void_p),

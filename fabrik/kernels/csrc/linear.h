@@ -1,0 +1,66 @@
+/* Declarations shared by the linear kernels (linear.c: bf16, linear_quant.c: int8 / int4): block and unit sizes,
+ * per-function ISA targets, output stores, the split of weight blocks over threads. */
+#ifndef FABRIK_LINEAR_H
+#define FABRIK_LINEAR_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fabrik.h"
+
+#define ROWS 16         /* rows per weight block */
+#define GROUP 32        /* int8 quantization group along K */
+#define UNIT_K 64       /* K values per int8 unit (two groups) */
+#define UNIT_BYTES 1088 /* int8: 64 K x 16 rows + 2 x 16 fp16 scales */
+#define UNIT_BYTES4 576 /* int4: 64 K x 16 rows / 2 + 2 x 16 fp16 scales */
+
+#define PREFETCH_LINES 16 /* software prefetch distance of the batched tiles, in 64-byte lines */
+
+typedef int32_t __attribute__((may_alias)) i32_alias; /* 4 quantized x bytes read as one broadcast value */
+
+static inline float load_x(const void *x, int flags, long i) {
+    return (flags & X_BF16) ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* Stores 16 results of one block row range [n0, n0 + valid) of output row m, adding the bias. */
+static inline void store_scalar(const fabrik_linear *L, const float *res, void *out, int flags, int m, int n0) {
+    int valid = L->n - n0 < ROWS ? L->n - n0 : ROWS;
+    for (int r = 0; r < valid; r++) {
+        float v = res[r] + (L->bias ? L->bias[n0 + r] : 0.0f);
+        long idx = (long)m * L->n + n0 + r;
+        if (flags & OUT_BF16)
+            ((uint16_t *)out)[idx] = f32_to_bf16(v);
+        else
+            ((float *)out)[idx] = v;
+    }
+}
+
+static inline void thread_blocks(int nblocks, int *b0, int *b1) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    *b0 = (int)((long)nblocks * t / nt);
+    *b1 = (int)((long)nblocks * (t + 1) / nt);
+}
+
+#define ISA512 "avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,fma,f16c"
+#define T512 __attribute__((target(ISA512)))
+#define INLINE512 static inline __attribute__((always_inline, target(ISA512)))
+
+#define T256 __attribute__((target("avx2,fma,f16c")))
+#define INLINE256 static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+INLINE512 void store16_avx512(const fabrik_linear *L, __m512 acc, void *out, int flags, int m, int n0) {
+    int valid = L->n - n0 < ROWS ? L->n - n0 : ROWS;
+    __mmask16 mask = (__mmask16)((1u << valid) - 1u);
+    if (L->bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, L->bias + n0));
+    long idx = (long)m * L->n + n0;
+    if (flags & OUT_BF16)
+        _mm256_mask_storeu_epi16((uint16_t *)out + idx, mask, (__m256i)_mm512_cvtneps_pbh(acc));
+    else
+        _mm512_mask_storeu_ps((float *)out + idx, mask, acc);
+}
+
+#endif

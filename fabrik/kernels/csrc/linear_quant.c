@@ -1,0 +1,308 @@
+/* Native linear layers (y = x W^T + b) for int8 and int4 weights (linear.c has bf16; linear.h the shared parts).
+ *
+ * Weight layouts (built by fabrik/kernels/linear.py; N rows padded to a multiple of 16, see docs/kernels.md):
+ *
+ *   int8: blocks of 16 rows; inside a block, units of 64 K values (two groups of 32), each 1088 bytes:
+ *         8 x ([group 0: row 0..15 x 4 uint8] [group 1: same]) [fp16 scale of rows 0..15 for group 0, then group 1]
+ *         (the two groups interleave line by line so that the kernel's two accumulator chains read one stream)
+ *         weights are stored as q + 128 (uint8) so that `vpdpbusd` (unsigned x signed) takes them as its unsigned
+ *         side; the +128 is removed with 128 * sum(x_q) of the group, which depends on x only.
+ *
+ *   int4: the int8 layout with two nibbles per byte, units of 576 bytes: 8 lines of 64 bytes whose low nibbles are
+ *         the int8 layout's group-0 line c and high nibbles its group-1 line c, then the same 64 bytes of scales.
+ *         Stored as q + 8 (q in [-8, 7]); one load and two masks give the two lines the int8 kernel reads.
+ *         With groups of 64 one fp16 scale per row covers the unit (544 bytes); with groups of 128 two units' data
+ *         share one (1056 bytes per 128 K): [512 bytes of data][512 bytes of data][fp16 scale of rows 0..15].
+ */
+#include "linear.h"
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * int8: activations are quantized per group of 32 (symmetric absmax, like the weights); the integer dot product of
+ * a group is exact, then scaled by w_scale * x_scale in fp32.
+ * ------------------------------------------------------------------------------------------------------------- */
+typedef struct {
+    int8_t *q;     /* (M, Kp) quantized x */
+    float *scale;  /* (M, Kp / 32) */
+    int32_t *corr; /* (M, Kp / 32): 128 * sum of q over the group (removes the +128 of the weights) */
+} quant_x;
+
+/* Quantizes group g of row m of x: scale = absmax / 127, q = round-half-even(x * (127 / absmax)). */
+static void quantize_group(const void *x, int flags, int m, int g, int K, int Kp, quant_x *qx) {
+    float v[GROUP], amax = 0.0f;
+    for (int j = 0; j < GROUP; j++) {
+        int k = g * GROUP + j;
+        v[j] = k < K ? load_x(x, flags, (long)m * K + k) : 0.0f;
+        float a = fabsf(v[j]);
+        amax = a > amax ? a : amax;
+    }
+    int8_t *q = qx->q + (long)m * Kp + g * GROUP;
+    int32_t sum = 0;
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int j = 0; j < GROUP; j++) {
+        int qi = (int)nearbyintf(v[j] * inv);
+        q[j] = (int8_t)qi;
+        sum += qi;
+    }
+    qx->scale[(long)m * (Kp / GROUP) + g] = amax / 127.0f;
+    qx->corr[(long)m * (Kp / GROUP) + g] = 128 * sum;
+}
+
+/* The same on 16 lanes for the whole groups of a bf16 row (the native forward's activations), the scalar code for
+ * the rest: the same float operations, so the same results. */
+T512 static void quantize_row_avx512(const void *x, int flags, int m, int K, int Kp, quant_x *qx) {
+    int G = Kp / GROUP, whole = (flags & X_BF16) ? K / GROUP : 0;
+    const uint16_t *xr = (const uint16_t *)x + (long)m * K;
+    for (int g = 0; g < whole; g++) {
+        __m512i raw = _mm512_loadu_si512(xr + g * GROUP); /* 32 bf16 */
+        __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+        __m512 v1 = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+        int8_t *q = qx->q + (long)m * Kp + g * GROUP;
+        _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+        qx->scale[(long)m * G + g] = amax / 127.0f;
+        qx->corr[(long)m * G + g] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+    for (int g = whole; g < G; g++) quantize_group(x, flags, m, g, K, Kp, qx);
+}
+
+/* Quantizes every row of x, over the threads when there are enough rows. */
+static void quantize_x(const fabrik_linear *L, const void *x, int flags, int M, quant_x *qx) {
+#pragma omp parallel for num_threads(L->nthreads) if (M >= 8) schedule(static)
+    for (int m = 0; m < M; m++) {
+        if (L->isa == ISA_AVX512)
+            quantize_row_avx512(x, flags, m, L->k, L->kp, qx);
+        else
+            for (int g = 0; g < L->kp / GROUP; g++) quantize_group(x, flags, m, g, L->k, L->kp, qx);
+    }
+}
+
+/* acc += w (unsigned bytes) . broadcast(*x) (4 signed bytes) with the broadcast folded into the instruction
+ * ({1to16}): GCC emits a separate vpbroadcastd for _mm512_set1_epi32 here, one extra uop per vpdpbusd. */
+INLINE512 __m512i dpbusd_bcast(__m512i acc, __m512i w, const i32_alias *x) {
+    __asm__("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
+    return acc;
+}
+
+/* BITS 8 or 4 (a constant after inlining): the two formats differ only in how a unit's lines are loaded, where its
+ * scales sit, and the zero point removed (128 or 8 times the group's sum of x_q; corr holds the 128 one). */
+/* Where a block's 64-K unit s keeps its data and its scales, for BITS and GS (weights per scale) constants:
+ * units of GS = 128 pair up behind one line of 16 scales; GS = 64 has one line per unit; GS = 32 two lines. */
+#define UNIT_DATA(BITS) ((BITS) == 8 ? UNIT_BYTES - 64 : UNIT_BYTES4 - 64)
+#define SUPER_UNITS(GS) ((GS) == 128 ? 2 : 1)
+#define SUPER_BYTES(BITS, GS) (SUPER_UNITS(GS) * UNIT_DATA(BITS) + ((GS) == 32 ? 64 : 32))
+static inline const uint8_t *unit_data(const uint8_t *blk, int s, int BITS, int GS) {
+    return blk + (long)(s / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS) + (long)(s % SUPER_UNITS(GS)) * UNIT_DATA(BITS);
+}
+static inline const uint8_t *unit_scales(const uint8_t *blk, int s, int BITS, int GS) {
+    return blk + (long)(s / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS) + SUPER_UNITS(GS) * UNIT_DATA(BITS);
+}
+
+INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
+                                 void *out, int flags, int n0, int BITS, int GS) {
+    int S = L->kp / UNIT_K, G = L->kp / GROUP;
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    __m512 facc[6];
+#pragma GCC unroll 6
+    for (int i = 0; i < MT; i++) facc[i] = _mm512_setzero_ps();
+    for (int s = 0; s < S; s++) {
+        const uint8_t *u = unit_data(blk, s, BITS, GS), *sc = unit_scales(blk, s, BITS, GS);
+        __m512i a0[6], a1[6];
+#pragma GCC unroll 6
+        for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            __m512i w0, w1;
+            if (BITS == 8) {
+                if (MT > 1) {
+                    _mm_prefetch((const char *)(u + c * 128 + PREFETCH_LINES * 64), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(u + c * 128 + PREFETCH_LINES * 64 + 64), _MM_HINT_T0);
+                }
+                w0 = _mm512_loadu_si512(u + c * 128);
+                w1 = _mm512_loadu_si512(u + c * 128 + 64);
+            } else {
+                if (MT > 1) _mm_prefetch((const char *)(u + c * 64 + PREFETCH_LINES * 64), _MM_HINT_T0);
+                __m512i raw = _mm512_loadu_si512(u + c * 64);
+                w0 = _mm512_and_si512(raw, nibble);
+                w1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+            }
+#pragma GCC unroll 6
+            for (int i = 0; i < MT; i++) {
+                const i32_alias *xq = (const i32_alias *)(qx->q + (long)(m0 + i) * L->kp + s * UNIT_K);
+                a0[i] = dpbusd_bcast(a0[i], w0, xq + c);
+                a1[i] = dpbusd_bcast(a1[i], w1, xq + 8 + c);
+            }
+        }
+        __m512 sc0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+        __m512 sc1 = GS == 32 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 32))) : sc0;
+#pragma GCC unroll 6
+        for (int i = 0; i < MT; i++) {
+            long gi = (long)(m0 + i) * G + 2 * s;
+            int c0 = BITS == 8 ? qx->corr[gi] : qx->corr[gi] / 16, c1 = BITS == 8 ? qx->corr[gi + 1] : qx->corr[gi + 1] / 16;
+            __m512 d0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a0[i], _mm512_set1_epi32(c0)));
+            __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a1[i], _mm512_set1_epi32(c1)));
+            facc[i] = _mm512_fmadd_ps(d0, _mm512_mul_ps(sc0, _mm512_set1_ps(qx->scale[gi])), facc[i]);
+            facc[i] = _mm512_fmadd_ps(d1, _mm512_mul_ps(sc1, _mm512_set1_ps(qx->scale[gi + 1])), facc[i]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < MT; i++) store16_avx512(L, facc[i], out, flags, m0 + i, n0);
+}
+
+/* One run function per format, so that BITS is a literal inside the OpenMP region (an outlined region would
+ * otherwise receive it as a runtime value and keep both formats' branches in the inner loop). */
+#define QUANT_RUN_AVX512(NAME, BITS, GS)                                                                              \
+    T512 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {                  \
+        const uint8_t *W = (const uint8_t *)L->weight;                                                              \
+        long block_bytes = (long)(L->kp / UNIT_K / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS);                        \
+        _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
+            int b0, b1;                                                                                             \
+            thread_blocks(L->nblocks, &b0, &b1);                                                                    \
+            for (int b = b0; b < b1; b++) {                                                                         \
+                const uint8_t *blk = W + b * block_bytes;                                                           \
+                for (int m = 0; m < M; m += 6) {                                                                    \
+                    switch (M - m < 6 ? M - m : 6) {                                                                \
+                    case 1: quant_tile_avx512(L, blk, qx, m, 1, out, flags, b * ROWS, BITS, GS); break;             \
+                    case 2: quant_tile_avx512(L, blk, qx, m, 2, out, flags, b * ROWS, BITS, GS); break;             \
+                    case 3: quant_tile_avx512(L, blk, qx, m, 3, out, flags, b * ROWS, BITS, GS); break;             \
+                    case 4: quant_tile_avx512(L, blk, qx, m, 4, out, flags, b * ROWS, BITS, GS); break;             \
+                    case 5: quant_tile_avx512(L, blk, qx, m, 5, out, flags, b * ROWS, BITS, GS); break;             \
+                    default: quant_tile_avx512(L, blk, qx, m, 6, out, flags, b * ROWS, BITS, GS); break;            \
+                    }                                                                                               \
+                }                                                                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+
+QUANT_RUN_AVX512(int8_run_avx512, 8, 32)
+QUANT_RUN_AVX512(int4_run_avx512, 4, 32)
+QUANT_RUN_AVX512(int4g64_run_avx512, 4, 64)
+QUANT_RUN_AVX512(int4g128_run_avx512, 4, 128)
+
+/* AVX2: vpmaddwd on zero-extended weights (no VNNI); 4 rows x 4 K per 128-bit piece, pairs summed at group end. */
+INLINE256 __m256i hsum_rows_avx2(__m256i a, __m256i b) { /* (rows 0-3 pairs, rows 4-7 pairs) -> rows 0..7 */
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8);
+}
+
+INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
+                               void *out, int flags, int n0, int BITS, int GS) {
+    int S = L->kp / UNIT_K, G = L->kp / GROUP;
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    __m256 lo[2], hi[2];
+#pragma GCC unroll 2
+    for (int i = 0; i < MT; i++) lo[i] = hi[i] = _mm256_setzero_ps();
+    for (int s = 0; s < S; s++) {
+        const uint8_t *u = unit_data(blk, s, BITS, GS), *sc = unit_scales(blk, s, BITS, GS);
+        for (int g = 0; g < 2; g++) {
+            __m256i acc[2][4];
+#pragma GCC unroll 2
+            for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm256_setzero_si256();
+            for (int c = 0; c < 8; c++) {
+                __m256i w16[4];
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    __m128i piece;
+                    if (BITS == 8) {
+                        piece = _mm_loadu_si128((const __m128i *)(u + c * 128 + g * 64 + 16 * j));
+                    } else {
+                        piece = _mm_loadu_si128((const __m128i *)(u + c * 64 + 16 * j));
+                        piece = _mm_and_si128(g ? _mm_srli_epi16(piece, 4) : piece, nibble);
+                    }
+                    w16[j] = _mm256_cvtepu8_epi16(piece);
+                }
+#pragma GCC unroll 2
+                for (int i = 0; i < MT; i++) {
+                    const int8_t *xq = qx->q + (long)(m0 + i) * L->kp + s * UNIT_K + g * GROUP + c * 4;
+                    __m256i xv = _mm256_set_epi16(xq[3], xq[2], xq[1], xq[0], xq[3], xq[2], xq[1], xq[0], xq[3],
+                                                  xq[2], xq[1], xq[0], xq[3], xq[2], xq[1], xq[0]);
+#pragma GCC unroll 4
+                    for (int j = 0; j < 4; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w16[j], xv));
+                }
+            }
+            const uint8_t *scg = sc + (GS == 32 ? g * 32 : 0);
+            __m256 sc_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scg));
+            __m256 sc_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scg + 16)));
+#pragma GCC unroll 2
+            for (int i = 0; i < MT; i++) {
+                long gi = (long)(m0 + i) * G + 2 * s + g;
+                __m256i corr = _mm256_set1_epi32(BITS == 8 ? qx->corr[gi] : qx->corr[gi] / 16);
+                __m256 xs = _mm256_set1_ps(qx->scale[gi]);
+                __m256 d_lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][0], acc[i][1]), corr));
+                __m256 d_hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][2], acc[i][3]), corr));
+                lo[i] = _mm256_fmadd_ps(d_lo, _mm256_mul_ps(sc_lo, xs), lo[i]);
+                hi[i] = _mm256_fmadd_ps(d_hi, _mm256_mul_ps(sc_hi, xs), hi[i]);
+            }
+        }
+    }
+    float res[ROWS];
+#pragma GCC unroll 2
+    for (int i = 0; i < MT; i++) {
+        _mm256_storeu_ps(res, lo[i]);
+        _mm256_storeu_ps(res + 8, hi[i]);
+        store_scalar(L, res, out, flags, m0 + i, n0);
+    }
+}
+
+#define QUANT_RUN_AVX2(NAME, BITS, GS)                                                                                \
+    T256 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {                  \
+        const uint8_t *W = (const uint8_t *)L->weight;                                                              \
+        long block_bytes = (long)(L->kp / UNIT_K / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS);                        \
+        _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
+            int b0, b1;                                                                                             \
+            thread_blocks(L->nblocks, &b0, &b1);                                                                    \
+            for (int b = b0; b < b1; b++) {                                                                         \
+                const uint8_t *blk = W + b * block_bytes;                                                           \
+                for (int m = 0; m < M; m += 2) {                                                                    \
+                    if (M - m == 1)                                                                                 \
+                        quant_tile_avx2(L, blk, qx, m, 1, out, flags, b * ROWS, BITS, GS);                          \
+                    else                                                                                            \
+                        quant_tile_avx2(L, blk, qx, m, 2, out, flags, b * ROWS, BITS, GS);                          \
+                }                                                                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+
+QUANT_RUN_AVX2(int8_run_avx2, 8, 32)
+QUANT_RUN_AVX2(int4_run_avx2, 4, 32)
+QUANT_RUN_AVX2(int4g64_run_avx2, 4, 64)
+QUANT_RUN_AVX2(int4g128_run_avx2, 4, 128)
+
+typedef void (*quant_run)(const fabrik_linear *, const quant_x *, int, void *, int);
+
+static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out, int flags, int bits) {
+    int Kp = L->kp, G = Kp / GROUP;
+    quant_x qx;
+    qx.q = (int8_t *)malloc((size_t)M * Kp);
+    qx.scale = (float *)malloc((size_t)M * G * 4);
+    qx.corr = (int32_t *)malloc((size_t)M * G * 4);
+    int rc = 0;
+    if (!qx.q || !qx.scale || !qx.corr) {
+        rc = -1;
+    } else {
+        quantize_x(L, x, flags, M, &qx);
+        int avx512 = L->isa == ISA_AVX512;
+        quant_run run = bits == 8          ? (avx512 ? int8_run_avx512 : int8_run_avx2)
+                        : L->group == 128 ? (avx512 ? int4g128_run_avx512 : int4g128_run_avx2)
+                        : L->group == 64  ? (avx512 ? int4g64_run_avx512 : int4g64_run_avx2)
+                                          : (avx512 ? int4_run_avx512 : int4_run_avx2);
+        run(L, &qx, M, out, flags);
+    }
+    free(qx.q);
+    free(qx.scale);
+    free(qx.corr);
+    return rc;
+}
+
+/* y (M, N) = quant(x) (M, K) W^T + b for an int8-packed layer. Returns 0, or -1 if out of memory. */
+int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
+    return quant_linear(L, x, M, out, flags, 8);
+}
+
+/* The same for an int4-packed layer. */
+int fabrik_linear_int4(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
+    return quant_linear(L, x, M, out, flags, 4);
+}
+
