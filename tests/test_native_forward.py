@@ -151,3 +151,35 @@ def test_rejects_token_ids_outside_the_vocabulary(backend, qwen3_ckpt):
     with pytest.raises(IndexError):
         pair.fused(torch.tensor([pair.config.vocab_size]), torch.tensor([0]), pair.caches["fused"],
                    AttentionMetadata(torch.tensor([0]), (0, 1), (1,), pair.tables[:1].contiguous(), BLOCK))
+
+
+def test_engine_properties_hold_with_vector_attention(backend, vector_ckpt):
+    """The engine's properties with the AVX-512 decode kernel and the prefill tiles doing the attention (head_dim
+    64 / 128): batch == single, prefix cache on == off, chunked prefill == one shot, preempted == uninterrupted."""
+    from fabrik import LLM, SamplingParams
+
+    rng = torch.Generator().manual_seed(11)
+    lengths = [40, 3, 70, 17, 1, 33]
+    prompts = [{"prompt_token_ids": torch.randint(0, 500, (n,), generator=rng).tolist()} for n in lengths]
+    prompts.append({"prompt_token_ids": prompts[2]["prompt_token_ids"][:50] + [5, 6, 7]})  # a shared prefix
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    def tokens(llm, batch):
+        return [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+
+    def run(**kw):
+        llm = LLM(str(vector_ckpt), dtype="bfloat16", kernels=backend.name, **kw)
+        assert llm.engine.runner.model.native_forward is not None
+        return llm
+
+    base = run(kv_cache_memory_bytes=16 * 2**20)
+    together = tokens(base, prompts)
+    assert [tokens(base, [p])[0] for p in prompts] == together
+    assert tokens(run(kv_cache_memory_bytes=16 * 2**20, enable_prefix_caching=False), prompts) == together
+    assert tokens(run(kv_cache_memory_bytes=16 * 2**20, max_num_batched_tokens=16), prompts) == together
+    config = base.engine.runner.model.config
+    per_block = 16 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2  # bf16 K and V
+    tight = run(kv_cache_memory_bytes=12 * per_block, block_size=16)
+    assert tight.engine.num_blocks == 12
+    assert tokens(tight, prompts) == together
+    assert tight.engine.scheduler.num_preemptions > 0
