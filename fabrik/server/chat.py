@@ -24,15 +24,14 @@ from fabrik.server.common import (
     ServerContext, chat_logprobs, check_context, check_max_tokens, check_stream_options, default_max_tokens, encode,
     new_id, sampling_params, usage, with_max_tokens)
 from fabrik.server.config import ALLOWED_CHAT_TEMPLATE_KWARGS
-from fabrik.server.engine_client import EngineError, RequestAborted
-from fabrik.server.errors import APIError, bad_request
+from fabrik.server.errors import bad_request
 from fabrik.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
     ChatResponseMessage, ChoiceLogprobs, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCallOut,
     TokenLogprobOut, ToolCallOut, Tool)
 from fabrik.server.reasoning import ReasoningParser
 from fabrik.server.tool_calls import ToolCallDelta, ToolCallStreamParser
-from fabrik.server.streaming import sse_done, sse_error, sse_event
+from fabrik.server.streaming import guarded, sse_event
 
 
 @dataclass
@@ -251,39 +250,30 @@ class ChatRun:
                                              model=self.model_name, choices=choices, usage=usage_),
                          self.prepared.include_usage)
 
-    async def events(self) -> AsyncIterator[str]:
+    def events(self) -> AsyncIterator[str]:
         """Server-sent events as OpenAI sends them: role, deltas, finish reasons, usage (if asked), [DONE]."""
-        finished = False
-        try:
-            for index in range(len(self.choices)):
-                yield self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
-            async for update in self._updates():
-                choice, reasoning, content, calls, logprobs = self._apply(update)
-                delta = DeltaMessage(reasoning_content=reasoning or None, content=content or None,
-                                     tool_calls=[_delta_tool_call(c) for c in calls] or None)
-                want_logprobs = self.prepared.params.logprobs is not None
-                if reasoning or content or calls or want_logprobs:
-                    if not (reasoning or content or calls):
-                        delta = DeltaMessage(content="")
-                    yield self._chunk([ChatChunkChoice(
-                        index=update.index, delta=delta,
-                        logprobs=ChoiceLogprobs(content=logprobs) if want_logprobs else None)])
-                if update.finished:
-                    yield self._chunk([ChatChunkChoice(index=update.index, delta=DeltaMessage(),
-                                                       finish_reason=choice.finish_reason)])
-            if self.prepared.include_usage:
-                yield self._chunk([], self._usage())
-            finished = True
-            self.ctx.log_output(self.prepared.request_id, ["".join(c.content) for c in self.choices])
-            yield sse_done()
-        except EngineError as exc:
-            yield sse_error(APIError(500, str(exc), "internal_server_error"))
-            yield sse_done()
-        except RequestAborted:
-            return  # the client is gone
-        finally:
-            if not finished:
-                self.abort()
+        return guarded(self._events(), self.abort)
+
+    async def _events(self) -> AsyncIterator[str]:
+        for index in range(len(self.choices)):
+            yield self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+        async for update in self._updates():
+            choice, reasoning, content, calls, logprobs = self._apply(update)
+            delta = DeltaMessage(reasoning_content=reasoning or None, content=content or None,
+                                 tool_calls=[_delta_tool_call(c) for c in calls] or None)
+            want_logprobs = self.prepared.params.logprobs is not None
+            if reasoning or content or calls or want_logprobs:
+                if not (reasoning or content or calls):
+                    delta = DeltaMessage(content="")
+                yield self._chunk([ChatChunkChoice(
+                    index=update.index, delta=delta,
+                    logprobs=ChoiceLogprobs(content=logprobs) if want_logprobs else None)])
+            if update.finished:
+                yield self._chunk([ChatChunkChoice(index=update.index, delta=DeltaMessage(),
+                                                   finish_reason=choice.finish_reason)])
+        if self.prepared.include_usage:
+            yield self._chunk([], self._usage())
+        self.ctx.log_output(self.prepared.request_id, ["".join(c.content) for c in self.choices])
 
 
 def _delta_tool_call(call: ToolCallDelta) -> DeltaToolCall:

@@ -21,11 +21,10 @@ from fabrik.sampling.params import SamplingParams
 from fabrik.server.common import (
     ServerContext, check_context, check_max_tokens, check_stream_options, clamp_logprob, default_max_tokens, encode,
     new_id, sampling_params, usage, with_max_tokens)
-from fabrik.server.engine_client import EngineError, RequestAborted
-from fabrik.server.errors import APIError, bad_request
+from fabrik.server.errors import bad_request
 from fabrik.server.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage)
-from fabrik.server.streaming import sse_done, sse_error, sse_event
+from fabrik.server.streaming import guarded, sse_event
 
 
 @dataclass
@@ -231,30 +230,21 @@ class CompletionRun:
         return CompletionResponse(id=self.prepared.request_id, created=self.created, model=self.model_name,
                                   choices=choices, usage=self._usage())
 
-    async def events(self) -> AsyncIterator[str]:
+    def events(self) -> AsyncIterator[str]:
         """Server-sent events: one chunk per choice update, the usage chunk if asked, then [DONE]."""
-        finished = False
-        try:
-            async for prompt_index, update in self._updates():
-                index, text, logprobs = self._apply(prompt_index, update)
-                choice = self.choices[index]
-                if text or logprobs is not None or update.finished:
-                    yield sse_event(CompletionResponse(
-                        id=self.prepared.request_id, created=self.created, model=self.model_name,
-                        choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                                  finish_reason=choice.finish_reason)]),
-                        self.prepared.include_usage)
-            if self.prepared.include_usage:
-                yield sse_event(CompletionResponse(id=self.prepared.request_id, created=self.created,
-                                                   model=self.model_name, choices=[], usage=self._usage()))
-            finished = True
-            self.ctx.log_output(self.prepared.request_id, ["".join(c.text) for c in self.choices])
-            yield sse_done()
-        except EngineError as exc:
-            yield sse_error(APIError(500, str(exc), "internal_server_error"))
-            yield sse_done()
-        except RequestAborted:
-            return  # the client is gone
-        finally:
-            if not finished:
-                self.abort()
+        return guarded(self._events(), self.abort)
+
+    async def _events(self) -> AsyncIterator[str]:
+        async for prompt_index, update in self._updates():
+            index, text, logprobs = self._apply(prompt_index, update)
+            choice = self.choices[index]
+            if text or logprobs is not None or update.finished:
+                yield sse_event(CompletionResponse(
+                    id=self.prepared.request_id, created=self.created, model=self.model_name,
+                    choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                              finish_reason=choice.finish_reason)]),
+                    self.prepared.include_usage)
+        if self.prepared.include_usage:
+            yield sse_event(CompletionResponse(id=self.prepared.request_id, created=self.created,
+                                               model=self.model_name, choices=[], usage=self._usage()))
+        self.ctx.log_output(self.prepared.request_id, ["".join(c.text) for c in self.choices])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
 
+from fabrik.server.engine_client import EngineError, RequestAborted
 from fabrik.server.errors import APIError
 
 
@@ -25,3 +27,23 @@ def sse_error(error: APIError) -> str:
 
 def sse_done() -> str:
     return "data: [DONE]\n\n"
+
+
+async def guarded(events: AsyncIterator[str], abort: Callable[[], None]) -> AsyncIterator[str]:
+    """``events``, then [DONE]. An engine failure mid-stream becomes an OpenAI-shaped error event and [DONE]; a stream
+    that does not run to its end (engine failure, client gone) aborts its request, so the KV blocks come back."""
+    finished = False
+    try:
+        async for event in events:
+            yield event
+        finished = True
+        yield sse_done()
+    except EngineError as exc:
+        yield sse_error(APIError(500, str(exc), "internal_server_error"))
+        yield sse_done()
+    except RequestAborted:
+        return  # the client is gone
+    finally:
+        if not finished:
+            abort()
+        await events.aclose()  # now, not whenever the event loop finalizes it
