@@ -57,7 +57,7 @@ static inline void prefetch_rows(const attn_item *it, int p) {
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-#include "vexp.h"
+#include "attention_avx512.h"
 #define HAVE_AVX512_ATTENTION 1
 
 /* AVX-512 path, instantiated for constant G (query heads per KV head) and D (head_dim) so that every accumulator
@@ -153,19 +153,7 @@ static inline __attribute__((always_inline)) void attend_avx512_fixed(const attn
         }
     }
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++) {
-        float inv = 1.0f / l[g], lanes[2][16];
-        uint16_t *o = it->out + (long)g * D;
-        for (int c = 0; c < NC; c++) { /* lane q of lo holds d = 32c + 8q + 0..3, of hi d = 32c + 8q + 4..7 */
-            _mm512_storeu_ps(lanes[0], acc[g][2 * c]);
-            _mm512_storeu_ps(lanes[1], acc[g][2 * c + 1]);
-            for (int q = 0; q < 4; q++)
-                for (int e = 0; e < 4; e++) {
-                    o[32 * c + 8 * q + e] = f32_to_bf16(lanes[0][4 * q + e] * inv);
-                    o[32 * c + 8 * q + 4 + e] = f32_to_bf16(lanes[1][4 * q + e] * inv);
-                }
-        }
-    }
+    for (int g = 0; g < G; g++) store_output(it->out + (long)g * D, acc[g], D, 1.0f / l[g]);
 }
 
 #define ATTEND_CASE(G_, D_)                                                                                            \

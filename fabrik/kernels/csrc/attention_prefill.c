@@ -17,7 +17,7 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-#include "vexp.h"
+#include "attention_avx512.h"
 
 int fabrik_tile_tokens(int G, int D, int bs) {
     (void)bs;
@@ -153,20 +153,8 @@ static inline __attribute__((always_inline)) void tile_fixed(const attn_tile *ti
             }
         }
     }
-    for (int r = 0; r < rows; r++) {
-        const int tok = r / G, g = r % G;
-        float inv = 1.0f / l[r], lanes[2][16];
-        uint16_t *o = it->out + tok * tile->out_stride + (long)g * D;
-        for (int c = 0; c < NC; c++) { /* lane q of lo holds d = 32c + 8q + 0..3, of hi d = 32c + 8q + 4..7 */
-            _mm512_storeu_ps(lanes[0], acc[r][2 * c]);
-            _mm512_storeu_ps(lanes[1], acc[r][2 * c + 1]);
-            for (int q = 0; q < 4; q++)
-                for (int e = 0; e < 4; e++) {
-                    o[32 * c + 8 * q + e] = f32_to_bf16(lanes[0][4 * q + e] * inv);
-                    o[32 * c + 8 * q + 4 + e] = f32_to_bf16(lanes[1][4 * q + e] * inv);
-                }
-        }
-    }
+    for (int r = 0; r < rows; r++)
+        store_output(it->out + (r / G) * tile->out_stride + (long)(r % G) * D, acc[r], D, 1.0f / l[r]);
 }
 
 void fabrik_attend_tile(const attn_tile *tile) {
