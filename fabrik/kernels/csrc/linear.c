@@ -41,16 +41,14 @@ INLINE512 void bf16_tile_avx512(const fabrik_linear *L, const uint16_t *blk, con
 /* Two adjacent blocks (32 rows) against MT rows of x: each broadcast x pair feeds two vdpbf16ps, so a batch reads
  * 10 vectors per 16 products instead of 9 per 8 (the loads, not the multiplies, bound the one-block tile). */
 INLINE512 void bf16_tile2_avx512(const fabrik_linear *L, const uint16_t *blk, long block_elems, const uint32_t *xp,
-                                 int xs, int MT, void *out, int flags, int m0, int n0, const char *pf, long pf_lines) {
+                                 int xs, int MT, void *out, int flags, int m0, int n0, next_prefetch pf) {
     int P = L->kp / 2;
-    long pf_due = 0;
     const uint16_t *blk1 = blk + block_elems;
     __m512 acc0[8], acc1[8];
 #pragma GCC unroll 8
     for (int i = 0; i < MT; i++) acc0[i] = acc1[i] = _mm512_setzero_ps();
     for (int p = 0; p < P; p++) {
-        if (pf) /* the next blocks' share of this tile (see bf16_run_avx512), spread evenly over its P steps */
-            for (pf_due += pf_lines; pf_due >= P; pf_due -= P, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+        prefetch_step(&pf);
         _mm_prefetch((const char *)(blk + (long)(p + PREFETCH_LINES) * 32), _MM_HINT_T0);
         _mm_prefetch((const char *)(blk1 + (long)(p + PREFETCH_LINES) * 32), _MM_HINT_T0);
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(blk + (long)p * 32);
@@ -102,25 +100,20 @@ T512 static void bf16_run_avx512(const fabrik_linear *L, const uint32_t *xp, int
                 continue;
             }
             if (M >= 4 && b + 1 < b1) { /* two blocks at a time: ~10% more GFLOP/s from M = 8 up */
-                /* Several tiles per pair of blocks: the DRAM idles while the later ones run from cache unless the
-                 * next pair is fetched meanwhile, a slice per tile. */
-                int tiles = (M + 7) / 8, ahead = b1 - (b + 2) < 2 ? b1 - (b + 2) : 2;
-                const char *next = tiles > 1 && ahead > 0 ? (const char *)(blk + 2 * block_elems) : NULL;
-                long next_lines = ahead * block_elems * 2 / 64;
+                int tiles = (M + 7) / 8, ahead = b1 - (b + 2) < 2 ? b1 - (b + 2) : 2; /* the next pair of blocks */
+                const char *next = ahead > 0 ? (const char *)(blk + 2 * block_elems) : NULL;
                 for (int m = 0; m < M; m += 8) {
                     const uint32_t *x = xp + (long)m * xs;
-                    long t = m / 8, first = t * next_lines / tiles, last = (t + 1) * next_lines / tiles;
-                    const char *pf = next ? next + first * 64 : NULL;
-                    long pl = last - first;
+                    next_prefetch pf = next_slice(next, ahead * block_elems * 2, tiles, m / 8, L->kp / 2);
                     switch (M - m < 8 ? M - m : 8) {
-                    case 1: bf16_tile2_avx512(L, blk, block_elems, x, xs, 1, out, flags, m, b * ROWS, pf, pl); break;
-                    case 2: bf16_tile2_avx512(L, blk, block_elems, x, xs, 2, out, flags, m, b * ROWS, pf, pl); break;
-                    case 3: bf16_tile2_avx512(L, blk, block_elems, x, xs, 3, out, flags, m, b * ROWS, pf, pl); break;
-                    case 4: bf16_tile2_avx512(L, blk, block_elems, x, xs, 4, out, flags, m, b * ROWS, pf, pl); break;
-                    case 5: bf16_tile2_avx512(L, blk, block_elems, x, xs, 5, out, flags, m, b * ROWS, pf, pl); break;
-                    case 6: bf16_tile2_avx512(L, blk, block_elems, x, xs, 6, out, flags, m, b * ROWS, pf, pl); break;
-                    case 7: bf16_tile2_avx512(L, blk, block_elems, x, xs, 7, out, flags, m, b * ROWS, pf, pl); break;
-                    default: bf16_tile2_avx512(L, blk, block_elems, x, xs, 8, out, flags, m, b * ROWS, pf, pl); break;
+                    case 1: bf16_tile2_avx512(L, blk, block_elems, x, xs, 1, out, flags, m, b * ROWS, pf); break;
+                    case 2: bf16_tile2_avx512(L, blk, block_elems, x, xs, 2, out, flags, m, b * ROWS, pf); break;
+                    case 3: bf16_tile2_avx512(L, blk, block_elems, x, xs, 3, out, flags, m, b * ROWS, pf); break;
+                    case 4: bf16_tile2_avx512(L, blk, block_elems, x, xs, 4, out, flags, m, b * ROWS, pf); break;
+                    case 5: bf16_tile2_avx512(L, blk, block_elems, x, xs, 5, out, flags, m, b * ROWS, pf); break;
+                    case 6: bf16_tile2_avx512(L, blk, block_elems, x, xs, 6, out, flags, m, b * ROWS, pf); break;
+                    case 7: bf16_tile2_avx512(L, blk, block_elems, x, xs, 7, out, flags, m, b * ROWS, pf); break;
+                    default: bf16_tile2_avx512(L, blk, block_elems, x, xs, 8, out, flags, m, b * ROWS, pf); break;
                     }
                 }
                 b++;

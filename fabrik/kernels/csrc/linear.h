@@ -49,6 +49,29 @@ static inline void thread_blocks(int nblocks, int *b0, int *b1) {
 #define T512 __attribute__((target(ISA512)))
 #define INLINE512 static inline __attribute__((always_inline, target(ISA512)))
 
+/* Several tiles of rows per weight block: the first streams the block from DRAM and the others run from cache while
+ * the DRAM idles, so tile t of `tiles` also pulls its share of the thread's next block(s) (`next`, `bytes` long; NULL
+ * when there are none) into L2, spread evenly over the tile's `steps` by prefetch_step (once per step, no division). */
+typedef struct {
+    const char *at; /* next line to prefetch, NULL: none */
+    long lines, steps, due;
+} next_prefetch;
+
+static inline next_prefetch next_slice(const char *next, long bytes, int tiles, int t, long steps) {
+    next_prefetch p = {NULL, 0, steps, 0};
+    if (next && tiles > 1) {
+        long lines = bytes / 64, first = t * lines / tiles;
+        p.at = next + first * 64;
+        p.lines = (t + 1) * lines / tiles - first;
+    }
+    return p;
+}
+
+static inline void prefetch_step(next_prefetch *p) {
+    if (p->at)
+        for (p->due += p->lines; p->due >= p->steps; p->due -= p->steps, p->at += 64) _mm_prefetch(p->at, _MM_HINT_T1);
+}
+
 #define T256 __attribute__((target("avx2,fma,f16c")))
 #define INLINE256 static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 

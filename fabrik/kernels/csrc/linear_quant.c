@@ -101,11 +101,10 @@ static inline const uint8_t *unit_scales(const uint8_t *blk, int s, int BITS, in
     return blk + (long)(s / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS) + SUPER_UNITS(GS) * UNIT_DATA(BITS);
 }
 
-/* pf / pf_lines: 64-byte lines of the thread's next block to pull into L2 while this tile computes (NULL: none). */
+/* pf: the share of the thread's next block this tile pulls into L2 (linear.h, next_slice). */
 INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
-                                 void *out, int flags, int n0, int BITS, int GS, const char *pf, long pf_lines) {
+                                 void *out, int flags, int n0, int BITS, int GS, next_prefetch pf) {
     int S = L->kp / UNIT_K, G = L->kp / GROUP;
-    long pf_due = 0;
     const __m512i nibble = _mm512_set1_epi8(0x0f);
     __m512 facc[6];
 #pragma GCC unroll 6
@@ -117,8 +116,7 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
         for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) {
-            if (pf) /* pf_lines spread evenly over the tile's 8 * S steps (no division in the loop) */
-                for (pf_due += pf_lines; pf_due >= 8L * S; pf_due -= 8L * S, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+            prefetch_step(&pf);
             __m512i w0, w1;
             if (BITS == 8) {
                 if (MT > 1) {
@@ -168,20 +166,16 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
             int tiles = (M + 5) / 6;                                                                                \
             for (int b = b0; b < b1; b++) {                                                                         \
                 const uint8_t *blk = W + b * block_bytes;                                                           \
-                /* several tiles per block: the DRAM idles while the later ones run from cache unless the next     \
-                 * block is fetched meanwhile, a slice per tile */                                                  \
-                const char *next = tiles > 1 && b + 1 < b1 ? (const char *)(blk + block_bytes) : NULL;              \
+                const char *next = b + 1 < b1 ? (const char *)(blk + block_bytes) : NULL;                          \
                 for (int m = 0; m < M; m += 6) {                                                                    \
-                    long t = m / 6, first = t * block_bytes / tiles / 64, last = (t + 1) * block_bytes / tiles / 64;  \
-                    const char *pf = next ? next + first * 64 : NULL;                                               \
-                    long pl = last - first;                                                                         \
+                    next_prefetch pf = next_slice(next, block_bytes, tiles, m / 6, 8L * (L->kp / UNIT_K));         \
                     switch (M - m < 6 ? M - m : 6) {                                                                \
-                    case 1: quant_tile_avx512(L, blk, qx, m, 1, out, flags, b * ROWS, BITS, GS, pf, pl); break;     \
-                    case 2: quant_tile_avx512(L, blk, qx, m, 2, out, flags, b * ROWS, BITS, GS, pf, pl); break;     \
-                    case 3: quant_tile_avx512(L, blk, qx, m, 3, out, flags, b * ROWS, BITS, GS, pf, pl); break;     \
-                    case 4: quant_tile_avx512(L, blk, qx, m, 4, out, flags, b * ROWS, BITS, GS, pf, pl); break;     \
-                    case 5: quant_tile_avx512(L, blk, qx, m, 5, out, flags, b * ROWS, BITS, GS, pf, pl); break;     \
-                    default: quant_tile_avx512(L, blk, qx, m, 6, out, flags, b * ROWS, BITS, GS, pf, pl); break;    \
+                    case 1: quant_tile_avx512(L, blk, qx, m, 1, out, flags, b * ROWS, BITS, GS, pf); break;     \
+                    case 2: quant_tile_avx512(L, blk, qx, m, 2, out, flags, b * ROWS, BITS, GS, pf); break;     \
+                    case 3: quant_tile_avx512(L, blk, qx, m, 3, out, flags, b * ROWS, BITS, GS, pf); break;     \
+                    case 4: quant_tile_avx512(L, blk, qx, m, 4, out, flags, b * ROWS, BITS, GS, pf); break;     \
+                    case 5: quant_tile_avx512(L, blk, qx, m, 5, out, flags, b * ROWS, BITS, GS, pf); break;     \
+                    default: quant_tile_avx512(L, blk, qx, m, 6, out, flags, b * ROWS, BITS, GS, pf); break;    \
                     }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
