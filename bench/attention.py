@@ -105,7 +105,7 @@ static void decode(int B, int ctx, int repeats) {
 }
 
 static void tile(int ctx, int repeats) {
-    int nq = fabrik_tile_tokens(G, D, BS), nb = (ctx + nq + BS - 1) / BS + 1;
+    int nq = fabrik_tile_tokens(G, D), nb = (ctx + nq + BS - 1) / BS + 1;
     if (nq == 0) { printf("tile: no tile kernel on this CPU\n"); return; }
     long stride = (long)BS * D, half = nb * stride;
     uint16_t *cache = aligned_alloc(64, half * 4), *q = malloc((size_t)nq * G * D * 2), *o = malloc((size_t)nq * G * D * 2);

@@ -16,11 +16,11 @@ import ctypes
 import torch
 from torch import nn
 
-from fabrik.kernels.linear import NativeLinear
+from fabrik.kernels.linear import INT4_GROUPS, NativeLinear
 from fabrik.kernels.native import NativeLibrary
 from fabrik.models.attention import AttentionMetadata
 
-FMT_CODES = {"bf16": 0, "int8": 1, "int4": 2, "int4-g64": 2, "int4-g128": 2}  # int4 group sizes: in the descriptors
+FMT_CODES = {"bf16": 0, "int8": 1, **{fmt: 2 for fmt in INT4_GROUPS}}  # an int4 layer's group is in its descriptor
 _MAX_GROUP = 16
 _MAX_HEAD_DIM = 512
 

@@ -33,9 +33,9 @@ typedef struct {
     int n_q;
 } attn_tile;
 
-/* How many tokens a tile may hold for this (G, head_dim, block_size); 0 when there is no tile kernel for the shape
- * (then attend each token with fabrik_attend). */
-int fabrik_tile_tokens(int G, int D, int bs);
+/* How many tokens a tile may hold for this (G, head_dim); 0 when there is no tile kernel for the shape (then attend
+ * each token with fabrik_attend). */
+int fabrik_tile_tokens(int G, int D);
 
 /* out = softmax(q K^T * scale) V for every row of the tile, causal; K and V are read once per tile. */
 void fabrik_attend_tile(const attn_tile *tile);

@@ -19,8 +19,7 @@
 #include <immintrin.h>
 #include "attention_avx512.h"
 
-int fabrik_tile_tokens(int G, int D, int bs) {
-    (void)bs;
+int fabrik_tile_tokens(int G, int D) {
     if (G < 1 || G > TILE_ROWS || (D != 64 && D != 128 && D != 256)) return 0;
     return TILE_ROWS / G;
 }
@@ -167,8 +166,8 @@ void fabrik_attend_tile(const attn_tile *tile) {
 
 #else
 
-int fabrik_tile_tokens(int G, int D, int bs) {
-    (void)G, (void)D, (void)bs;
+int fabrik_tile_tokens(int G, int D) {
+    (void)G, (void)D;
     return 0;
 }
 

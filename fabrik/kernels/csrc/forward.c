@@ -204,7 +204,7 @@ int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) 
     int32_t *tiles = seq_of + T;
     for (int s = 0; s < B->S; s++)
         for (int t = B->query_start[s]; t < B->query_start[s + 1]; t++) seq_of[t] = s;
-    int n_tiles = make_tiles(B, fabrik_tile_tokens(M->n_heads / M->n_kv_heads, M->head_dim, M->block_size), tiles);
+    int n_tiles = make_tiles(B, fabrik_tile_tokens(M->n_heads / M->n_kv_heads, M->head_dim), tiles);
     for (int t = 0; t < T; t++) memcpy(x + (long)t * H, M->embed + B->tokens[t] * H, (size_t)H * 2);
     int rc = 0;
     for (int i = 0; i < M->n_layers && rc == 0; i++)
