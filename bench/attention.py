@@ -1,6 +1,6 @@
 """Micro-benchmark of the native paged attention kernels (fabrik/kernels/csrc/attention*.c), outside the engine.
 
-Three measurements, each against a plain read of the same bytes so that the figures can be read as fractions of
+Three measurements, for the bf16 and the int8 KV cache, each against a plain read of the same bytes so that the figures can be read as fractions of
 what the memory gives:
 
   decode   one new token per sequence: B sequences x `--ctx` cached keys x 28 layers x 8 KV heads (G = 2, head_dim
@@ -44,20 +44,21 @@ static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
 /* The decode kernel's access pattern without its math: K and V rows through the block table, same prefetching. */
 static void stream_item(const attn_item *it) {
     __m512i acc = _mm512_setzero_si512();
+    long row = it->int8 ? D : 2 * D;
     for (int t0 = 0; t0 < it->n_keys; t0 += BS) {
-        const uint16_t *K = it->k0 + it->table[t0 / BS] * it->block_stride, *V = K + it->v_offset;
+        const char *K = it->k0 + it->table[t0 / BS] * it->block_stride, *V = K + it->v_offset;
         for (int i = 0; i < BS && t0 + i < it->n_keys; i += 4) {
             int p = t0 + i + PREFETCH;
             if (p < it->n_keys) {
-                const char *k = (const char *)(it->k0 + it->table[p / BS] * it->block_stride + (long)(p % BS) * D);
-                for (int b = 0; b < 4 * D * 2; b += 64) {
+                const char *k = it->k0 + it->table[p / BS] * it->block_stride + (p % BS) * row;
+                for (int b = 0; b < 4 * row; b += 64) {
                     __builtin_prefetch(k + b, 0, 2);
-                    __builtin_prefetch(k + it->v_offset * 2 + b, 0, 2);
+                    __builtin_prefetch(k + it->v_offset + b, 0, 2);
                 }
             }
-            for (int r = 0; r < 4 * D; r += 32) {
-                acc = _mm512_add_epi32(acc, _mm512_loadu_si512(K + (long)i * D + r));
-                acc = _mm512_add_epi32(acc, _mm512_loadu_si512(V + (long)i * D + r));
+            for (int r = 0; r < 4 * row; r += 64) {
+                acc = _mm512_add_epi32(acc, _mm512_loadu_si512(K + i * row + r));
+                acc = _mm512_add_epi32(acc, _mm512_loadu_si512(V + i * row + r));
             }
         }
     }
@@ -66,20 +67,33 @@ static void stream_item(const attn_item *it) {
 
 static uint16_t rnd_bf16(void) { return f32_to_bf16(((float)rand() / RAND_MAX - 0.5f) * 4.0f); }
 
-static void decode(int B, int ctx, int repeats) {
-    int nb = (ctx + BS - 1) / BS;
-    long blocks = (long)B * nb + 1, stride = (long)H * BS * D, half = blocks * stride;
-    uint16_t *cache[L];
-    for (int l = 0; l < L; l++) {
-        cache[l] = aligned_alloc(64, half * 4);
-        for (long i = 0; i < half * 2; i++) cache[l][i] = rnd_bf16();
+/* A cache of `regions` (block, head) regions for K and for V: random bf16 rows, or random int8 rows and scales. */
+static char *make_cache(long regions, int int8) {
+    long rb = attn_region_bytes(int8, BS, D);
+    char *c = aligned_alloc(64, 2 * regions * rb);
+    for (long r = 0; r < 2 * regions; r++) {
+        char *reg = c + r * rb;
+        if (!int8) {
+            for (int i = 0; i < BS * D; i++) ((uint16_t *)reg)[i] = rnd_bf16();
+            continue;
+        }
+        for (int i = 0; i < BS * D; i++) reg[i] = (char)(rand() % 255 - 127);
+        for (int i = 0; i < BS; i++) ((float *)(reg + BS * D))[i] = 0.016f * (float)rand() / RAND_MAX;
     }
+    return c;
+}
+
+static void decode(int B, int ctx, int repeats, int int8) {
+    int nb = (ctx + BS - 1) / BS;
+    long blocks = (long)B * nb + 1, region = attn_region_bytes(int8, BS, D), stride = H * region;
+    char *cache[L];
+    for (int l = 0; l < L; l++) cache[l] = make_cache(blocks * H, int8);
     int64_t *table = malloc(sizeof(int64_t) * blocks);
     for (long i = 0; i < blocks; i++) table[i] = i;
     for (long i = blocks - 1; i > 0; i--) { long j = rand() % (i + 1); int64_t t = table[i]; table[i] = table[j]; table[j] = t; }
     uint16_t *q = malloc((size_t)B * H * G * D * 2), *out = malloc((size_t)B * H * G * D * 2);
     for (long i = 0; i < (long)B * H * G * D; i++) q[i] = rnd_bf16();
-    double bytes = (double)L * B * H * ctx * D * 4, best[2] = {1e9, 1e9};
+    double bytes = (double)L * B * H * ctx * 2 * (int8 ? D + 4 : 2 * D), best[2] = {1e9, 1e9};
     for (int r = 0; r < repeats; r++)
         for (int variant = 0; variant < 2; variant++) { /* interleaved: kernel, then stream */
             double t = now();
@@ -88,33 +102,35 @@ static void decode(int B, int ctx, int repeats) {
                 for (int item = 0; item < B * H; item++) {
                     int s = item / H, h = item % H;
                     attn_item it = {.q = q + (long)item * G * D, .out = out + (long)item * G * D,
-                                    .k0 = cache[l] + (long)h * BS * D, .table = table + (long)s * nb,
-                                    .block_stride = stride, .v_offset = half, .n_keys = ctx, .G = G, .D = D,
-                                    .bs = BS, .scale = 0.088f};
+                                    .k0 = cache[l] + h * region, .table = table + (long)s * nb,
+                                    .block_stride = stride, .v_offset = blocks * stride, .n_keys = ctx, .G = G,
+                                    .D = D, .bs = BS, .int8 = int8, .scale = 0.088f};
                     if (variant == 0) fabrik_attend(&it); else stream_item(&it);
                 }
             }
             t = now() - t;
             if (t < best[variant]) best[variant] = t;
         }
-    printf("decode  B=%-3d ctx=%d: %7.2f ms per step, %5.1f GB/s, %5.1f ns per (key, KV head) per thread | "
-           "stream only: %7.2f ms, %5.1f GB/s\n", B, ctx, best[0] * 1e3, bytes / best[0] / 1e9,
-           best[0] * 1e9 * 2 / ((double)L * B * H * ctx), best[1] * 1e3, bytes / best[1] / 1e9);
+    printf("decode %s B=%-3d ctx=%d: %7.2f ms per step, %5.1f GB/s, %5.1f ns per (key, KV head) per thread | "
+           "stream only: %7.2f ms, %5.1f GB/s\n", int8 ? "int8" : "bf16", B, ctx, best[0] * 1e3,
+           bytes / best[0] / 1e9, best[0] * 1e9 * 2 / ((double)L * B * H * ctx), best[1] * 1e3,
+           bytes / best[1] / 1e9);
     for (int l = 0; l < L; l++) free(cache[l]);
     free(table), free(q), free(out);
 }
 
-static void tile(int ctx, int repeats) {
+static void tile(int ctx, int repeats, int int8) {
     int nq = fabrik_tile_tokens(G, D), nb = (ctx + nq + BS - 1) / BS + 1;
     if (nq == 0) { printf("tile: no tile kernel on this CPU\n"); return; }
-    long stride = (long)BS * D, half = nb * stride;
-    uint16_t *cache = aligned_alloc(64, half * 4), *q = malloc((size_t)nq * G * D * 2), *o = malloc((size_t)nq * G * D * 2);
-    for (long i = 0; i < half * 2; i++) cache[i] = rnd_bf16();
+    long region = attn_region_bytes(int8, BS, D);
+    char *cache = make_cache(nb, int8);
+    uint16_t *q = malloc((size_t)nq * G * D * 2), *o = malloc((size_t)nq * G * D * 2);
     for (long i = 0; i < (long)nq * G * D; i++) q[i] = rnd_bf16();
     int64_t *table = malloc(sizeof(int64_t) * nb);
     for (int i = 0; i < nb; i++) table[i] = i;
-    attn_tile tl = {.item = {.q = q, .out = o, .k0 = cache, .table = table, .block_stride = stride, .v_offset = half,
-                             .n_keys = ctx, .G = G, .D = D, .bs = BS, .scale = 0.088f},
+    attn_tile tl = {.item = {.q = q, .out = o, .k0 = cache, .table = table, .block_stride = region,
+                             .v_offset = nb * region, .n_keys = ctx, .G = G, .D = D, .bs = BS, .int8 = int8,
+                             .scale = 0.088f},
                     .q_stride = G * D, .out_stride = G * D, .n_q = nq};
     int calls = 200;
     double best[2] = {1e9, 1e9};
@@ -134,15 +150,16 @@ static void tile(int ctx, int repeats) {
         if (t < best[1]) best[1] = t;
     }
     double kh = (double)calls * nq * (ctx + nq / 2.0);
-    printf("tile    %d tokens, ctx=%d, L2-resident, 1 thread: tile %.2f ns per (key, KV head), decode kernel per "
-           "token %.2f\n", nq, ctx, best[0] / kh * 1e9, best[1] / kh * 1e9);
+    printf("tile   %s %d tokens, ctx=%d, L2-resident, 1 thread: tile %.2f ns per (key, KV head), decode kernel per "
+           "token %.2f\n", int8 ? "int8" : "bf16", nq, ctx, best[0] / kh * 1e9, best[1] / kh * 1e9);
     free(cache), free(q), free(o), free(table);
 }
 
 int main(int argc, char **argv) {
     int ctx = atoi(argv[1]), repeats = atoi(argv[2]);
-    for (int i = 3; i < argc; i++) decode(atoi(argv[i]), ctx, repeats);
-    tile(ctx < 256 ? ctx : 256, repeats);
+    for (int i = 3; i < argc; i++)
+        for (int int8 = 0; int8 < 2; int8++) decode(atoi(argv[i]), ctx, repeats, int8);
+    for (int int8 = 0; int8 < 2; int8++) tile(ctx < 256 ? ctx : 256, repeats, int8);
     return 0;
 }
 """
@@ -157,7 +174,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         driver, exe = Path(tmp) / "driver.c", Path(tmp) / "attention_bench"
         driver.write_text(_DRIVER)
-        sources = [str(SOURCE_DIR / name) for name in ("attention.c", "attention_prefill.c")]
+        sources = [str(SOURCE_DIR / name) for name in ("attention.c", "attention_int8.c", "attention_prefill.c")]
         flags = [f for f in CFLAGS if f not in ("-shared", "-fPIC")]
         subprocess.run(["gcc", *flags, f"-I{SOURCE_DIR}", "-o", str(exe), str(driver), *sources, "-lm"], check=True)
         subprocess.run([str(exe), str(args.ctx), str(args.repeats), *map(str, args.batch)], check=True)

@@ -90,6 +90,8 @@ class EngineConfig:
     """Seed of the global RNG used by unseeded sampling requests."""
     quantization: str | None = None
     """Quantize the weights when they are loaded: None (keep them), int8, int4 (groups of 32), int4-g64, int4-g128."""
+    kv_cache_dtype: str = "auto"
+    """KV cache rows: auto (the model's dtype) or int8 (one scale per token and KV head; about half the bytes)."""
     kernels: str | None = None
     """Kernel backend: auto, native, native-avx512, native-avx2 or torch; None reads $FABRIK_KERNELS (default auto)."""
 
@@ -98,6 +100,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.quantization not in (None, "int8", "int4", "int4-g64", "int4-g128"):
             raise ValueError(f"quantization must be None, int8, int4, int4-g64 or int4-g128, got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
         if self.kernels not in (None, "auto", "native", "native-avx512", "native-avx2", "torch"):
             raise ValueError(f"kernels must be auto, native, native-avx512, native-avx2 or torch, got {self.kernels!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

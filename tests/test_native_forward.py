@@ -13,7 +13,7 @@ import torch
 from fabrik.kernels import apply_kernels, select_backend
 from fabrik.loader import load_model
 from fabrik.model_config import load_model_config
-from fabrik.models.attention import AttentionMetadata, kv_cache_shape
+from fabrik.models.attention import AttentionMetadata, kv_bytes_per_token, make_kv_caches
 from checkpoints import make_checkpoint
 
 BLOCK = 4
@@ -31,7 +31,7 @@ def backend():
 class _Pair:
     """One checkpoint run three ways over separate caches with the same (shuffled) block tables."""
 
-    def __init__(self, path, backend, quantization=None, block=BLOCK):
+    def __init__(self, path, backend, quantization=None, block=BLOCK, kv_cache_dtype="auto"):
         self.block = block
         self.config = config = load_model_config(path)
         self.fused = apply_kernels(load_model(path, config, torch.bfloat16), backend, quantization)
@@ -39,10 +39,11 @@ class _Pair:
                                      native_forward=False)
         self.float32 = load_model(path, config, torch.float32)
         assert self.fused.native_forward is not None and self.modules.native_forward is None
-        shape = kv_cache_shape(config, NUM_BLOCKS, block)
-        self.caches = {name: [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
-                       for name, dtype in (("fused", torch.bfloat16), ("modules", torch.bfloat16),
-                                           ("float32", torch.float32))}
+        # The float32 model keeps an unquantized cache: the reference every KV format is measured against.
+        self.caches = {name: make_kv_caches(config, NUM_BLOCKS, block, dtype, kv)
+                       for name, dtype, kv in (("fused", torch.bfloat16, kv_cache_dtype),
+                                               ("modules", torch.bfloat16, kv_cache_dtype),
+                                               ("float32", torch.float32, "auto"))}
         self.tables = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(0)).view(3, -1)  # 20 each
 
     def step(self, chunks: list[tuple[int, int, list[int]]]) -> dict[str, torch.Tensor]:
@@ -79,10 +80,12 @@ def vector_ckpt(request, tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp(request.param), "qwen3", **VECTOR_SHAPES[request.param])
 
 
-def test_vector_attention_is_as_close_as_the_modules(backend, vector_ckpt):
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_vector_attention_is_as_close_as_the_modules(backend, vector_ckpt, kv):
     """bf16 softmax weights (as torch's flash attention uses) and fp32 sums: within bf16 steps of the modules, and
-    no further from the float32 model than they are."""
-    pair = _Pair(vector_ckpt, backend)
+    no further from the float32 model than they are. With the int8 cache both read the same quantized rows (the
+    native decode kernel in integer arithmetic, the modules dequantized) and stay as close."""
+    pair = _Pair(vector_ckpt, backend, kv_cache_dtype=kv)
     a, b = _tokens(45, 5), _tokens(20, 6)  # 45 keys: full and partial 32-key chunks, odd pairs
     for chunks in ([(0, 0, a)], [(1, 0, b[:13])], [(0, 45, [7]), (1, 13, b[13:])]):
         out = pair.step(chunks)
@@ -96,11 +99,13 @@ def test_vector_attention_is_as_close_as_the_modules(backend, vector_ckpt):
     assert worst["fused"] <= 1.5 * worst["modules"] + 0.02, worst
 
 
+@pytest.mark.parametrize("kv", ["auto", "int8"])
 @pytest.mark.parametrize("block", [4, 16])
-def test_prefill_tiles_match_token_by_token(backend, vector_ckpt, block):
+def test_prefill_tiles_match_token_by_token(backend, vector_ckpt, block, kv):
     """Chunks of a prompt go through the prefill tile kernel (many tokens per K/V read), single tokens through the
-    decode kernel: the same sums in another order, so the hidden states agree to bf16 rounding."""
-    pair = _Pair(vector_ckpt, backend, block=block)
+    decode kernel: the same sums in another order, so the hidden states agree to bf16 rounding (int8 cache: the tile
+    dequantizes each chunk to bf16, the decode kernel multiplies the int8 rows)."""
+    pair = _Pair(vector_ckpt, backend, block=block, kv_cache_dtype=kv)
     a = _tokens(70, 7)
     tiled = torch.cat([pair.step([(0, 0, a[:37])])["fused"], pair.step([(0, 37, a[37:])])["fused"]])
     single = torch.cat([pair.step([(1, i, [t])])["fused"] for i, t in enumerate(a)])
@@ -153,33 +158,75 @@ def test_rejects_token_ids_outside_the_vocabulary(backend, qwen3_ckpt):
                    AttentionMetadata(torch.tensor([0]), (0, 1), (1,), pair.tables[:1].contiguous(), BLOCK))
 
 
-def test_engine_properties_hold_with_vector_attention(backend, vector_ckpt):
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_engine_properties_hold_with_vector_attention(backend, vector_ckpt, kv):
     """The engine's properties with the AVX-512 decode kernel and the prefill tiles doing the attention (head_dim
-    64 / 128): batch == single, prefix cache on == off, chunked prefill == one shot, preempted == uninterrupted."""
+    64 / 128), over either KV cache: batch == single, prefix cache on == off, chunked prefill == one shot, preempted
+    == uninterrupted."""
     from fabrik import LLM, SamplingParams
 
     rng = torch.Generator().manual_seed(11)
     lengths = [40, 3, 70, 17, 1, 33]
     prompts = [{"prompt_token_ids": torch.randint(0, 500, (n,), generator=rng).tolist()} for n in lengths]
     prompts.append({"prompt_token_ids": prompts[2]["prompt_token_ids"][:50] + [5, 6, 7]})  # a shared prefix
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
 
-    def tokens(llm, batch):
-        return [o.outputs[0].token_ids for o in llm.generate(batch, params)]
+    def outputs(llm, batch):
+        return [o.outputs[0] for o in llm.generate(batch, params)]
+
+    def assert_same(a, b):
+        """Equal greedy tokens. With the int8 cache a run may part from the other at a near tie only (top two within
+        0.05 in both): a value one quantization step off moves the logits more than bf16 rounding does, and the
+        linears' batch-dependent summation order (docs/kernels.md) then decides ties of this random model."""
+        for x, y in zip(a, b, strict=True):
+            if x.token_ids == y.token_ids:
+                continue
+            assert kv == "int8", (x.token_ids, y.token_ids)
+            j = next(i for i, (u, v) in enumerate(zip(x.token_ids, y.token_ids)) if u != v)
+            for lp in (x.logprobs[j], y.logprobs[j]):
+                assert lp.top[0][1] - lp.top[1][1] < 0.05, (j, x.logprobs[j], y.logprobs[j])
 
     def run(**kw):
-        llm = LLM(str(vector_ckpt), dtype="bfloat16", kernels=backend.name, **kw)
+        llm = LLM(str(vector_ckpt), dtype="bfloat16", kernels=backend.name, kv_cache_dtype=kv, **kw)
         assert llm.engine.runner.model.native_forward is not None
         return llm
 
     base = run(kv_cache_memory_bytes=16 * 2**20)
-    together = tokens(base, prompts)
-    assert [tokens(base, [p])[0] for p in prompts] == together
-    assert tokens(run(kv_cache_memory_bytes=16 * 2**20, enable_prefix_caching=False), prompts) == together
-    assert tokens(run(kv_cache_memory_bytes=16 * 2**20, max_num_batched_tokens=16), prompts) == together
-    config = base.engine.runner.model.config
-    per_block = 16 * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2  # bf16 K and V
+    together = outputs(base, prompts)
+    assert_same([outputs(base, [p])[0] for p in prompts], together)
+    assert_same(outputs(run(kv_cache_memory_bytes=16 * 2**20, enable_prefix_caching=False), prompts), together)
+    assert_same(outputs(run(kv_cache_memory_bytes=16 * 2**20, max_num_batched_tokens=16), prompts), together)
+    per_block = 16 * kv_bytes_per_token(base.engine.runner.model.config, torch.bfloat16, kv)
     tight = run(kv_cache_memory_bytes=12 * per_block, block_size=16)
     assert tight.engine.num_blocks == 12
-    assert tokens(tight, prompts) == together
+    assert_same(outputs(tight, prompts), together)
     assert tight.engine.scheduler.num_preemptions > 0
+
+
+def test_int8_cache_on_the_portable_attention(backend, qwen3_ckpt):
+    _check_int8_cache(qwen3_ckpt, backend)  # head_dim 16: no AVX-512 kernel for the shape
+
+
+def test_int8_cache_on_the_vector_attention(backend, vector_ckpt):
+    _check_int8_cache(vector_ckpt, backend)
+
+
+def _check_int8_cache(path, backend):
+    """The native forward quantizes K and V into the int8 cache bit for bit as fabrik/models/kv_int8.py does (layer
+    0 of a prompt sees identical inputs on both paths); its attention stays as close to the modules and to float32
+    as with the bf16 cache."""
+    pair = _Pair(path, backend, kv_cache_dtype="int8")
+    a, b = _tokens(37, 8), _tokens(11, 9)
+    pair.step([(0, 0, a)])
+    assert pair.caches["fused"][0].dtype == torch.int8
+    assert torch.equal(pair.caches["fused"][0], pair.caches["modules"][0])
+    assert pair.caches["fused"][0].abs().sum() > 0  # the rows were written
+    worst = {"fused": 0.0, "modules": 0.0}
+    for i, chunks in enumerate([[(1, 0, b)], *[[(0, 37 + j, [3 + j]), (1, 11 + j, [4 + j])] for j in range(6)]]):
+        out = pair.step(chunks)
+        scale = out["modules"].abs().max()
+        assert (out["fused"] - out["modules"]).abs().max() <= 0.05 * scale, chunks
+        if i:
+            for name in worst:
+                worst[name] = max(worst[name], (out[name] - out["float32"]).abs().max().item())
+    assert worst["fused"] <= 1.5 * worst["modules"] + 0.02, worst

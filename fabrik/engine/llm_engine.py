@@ -25,7 +25,8 @@ from fabrik.config import EngineConfig, SchedulerConfig, parse_bytes
 from fabrik.core.block_manager import BlockManager
 from fabrik.core.request import Request, RequestStatus, StoppingCriteria
 from fabrik.core.scheduler import Scheduler
-from fabrik.engine.model_runner import ModelRunner, kv_bytes_per_token
+from fabrik.engine.model_runner import ModelRunner
+from fabrik.models.attention import kv_bytes_per_token
 from fabrik.loader import resolve_dtype, resolve_model_path
 from fabrik.model_config import load_eos_token_ids, load_model_config, load_sampling_defaults
 from fabrik.outputs import SequenceUpdate
@@ -80,7 +81,7 @@ class LLMEngine:
             max_len = config.max_model_len
         self.max_model_len = max_len
 
-        per_token = kv_bytes_per_token(self.model_config, self.dtype)
+        per_token = kv_bytes_per_token(self.model_config, self.dtype, config.kv_cache_dtype)
         per_block = per_token * config.block_size
         if config.kv_cache_memory_bytes is not None:
             budget = parse_bytes(config.kv_cache_memory_bytes)
@@ -94,7 +95,7 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(path, self.model_config, self.dtype, num_blocks, config.block_size,
                                   tuple(sorted(self.eos_token_ids)), kernels=config.kernels,
-                                  quantization=config.quantization)
+                                  quantization=config.quantization, kv_cache_dtype=config.kv_cache_dtype)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_model_len=max_len, max_num_batched_tokens=config.max_num_batched_tokens,
@@ -106,9 +107,11 @@ class LLMEngine:
         # them on every full collection (~4% of a batch-8 decode step otherwise).
         gc.collect()
         gc.freeze()
-        logger.info("engine ready: %s, %s, weights %s, kernels %s, %d KV blocks of %d tokens (%.1f MiB), "
+        logger.info("engine ready: %s, %s, weights %s, kernels %s, %d KV blocks of %d tokens (%s, %.1f MiB), "
                     "max_model_len %d", path, self.dtype, config.quantization or "as loaded",
-                    self.runner.kernel_backend, num_blocks, config.block_size, num_blocks * per_block / 2**20, max_len)
+                    self.runner.kernel_backend, num_blocks, config.block_size,
+                    "int8" if config.kv_cache_dtype == "int8" else "as the model", num_blocks * per_block / 2**20,
+                    max_len)
 
     # -- requests --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:

@@ -26,15 +26,9 @@ from fabrik.core.scheduler import SchedulerOutput
 from fabrik.kernels import apply_kernels, select_backend
 from fabrik.loader import load_model
 from fabrik.model_config import ModelConfig
-from fabrik.models.attention import AttentionMetadata, kv_cache_shape
+from fabrik.models.attention import AttentionMetadata, make_kv_caches
 from fabrik.sampling.logprobs import TokenLogprob, compute_logprobs
 from fabrik.sampling.sampler import Sampler, SamplingRow
-
-
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes of K and V one token takes across all layers."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,8 @@ class ModelRunner:
 
     def __init__(self, model_path: Path, config: ModelConfig, dtype: torch.dtype,
                  num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...],
-                 kernels: str | None = None, quantization: str | None = None) -> None:
+                 kernels: str | None = None, quantization: str | None = None,
+                 kv_cache_dtype: str = "auto") -> None:
         self.config = config
         self.dtype = dtype
         self.block_size = block_size
@@ -64,9 +59,9 @@ class ModelRunner:
             backend = select_backend(kernels)
             self.model = apply_kernels(self.model, backend, quantization)
             self.kernel_backend = backend.name
-        shape = kv_cache_shape(config, num_blocks, block_size)
-        # Zeroed, not empty: padded attention reads must never meet NaN garbage.
-        self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        if kv_cache_dtype not in getattr(self.model, "kv_cache_dtypes", ("auto",)):
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported by {type(self.model).__name__}")
+        self.kv_caches = make_kv_caches(config, num_blocks, block_size, dtype, kv_cache_dtype)
         self.sampler = Sampler(eos_token_ids)
 
     @torch.inference_mode()

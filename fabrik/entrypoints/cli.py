@@ -20,6 +20,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quantization", default=None, choices=["int8", "int4", "int4-g64", "int4-g128"],
                         help="quantize the weights at load (groups of 32 unless -g64 / -g128; int4 keeps an int8 LM head)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                        help="KV cache rows: the model's dtype (auto) or int8 with one scale per token and head")
     parser.add_argument("--kernels", default=None,
                         choices=["auto", "native", "native-avx512", "native-avx2", "torch"],
                         help="kernel backend (default: $FABRIK_KERNELS, else auto)")
@@ -34,7 +36,7 @@ def engine_config_from_args(model: str, args: argparse.Namespace):
         block_size=args.block_size,
         kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, quantization=args.quantization,
-        kernels=args.kernels)
+        kv_cache_dtype=args.kv_cache_dtype, kernels=args.kernels)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 
 from fabrik.kernels.linear import INT4_GROUPS, NativeLinear
 from fabrik.kernels.native import NativeLibrary
+from fabrik.models import kv_int8
 from fabrik.models.attention import AttentionMetadata
 
 FMT_CODES = {"bf16": 0, "int8": 1, **{fmt: 2 for fmt in INT4_GROUPS}}  # an int4 layer's group is in its descriptor
@@ -37,7 +38,7 @@ class _Model(ctypes.Structure):
 
     _fields_ = [("layers", ctypes.c_void_p), ("embed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)] + [
         (name, ctypes.c_int32) for name in ("n_layers", "vocab", "hidden", "n_heads", "n_kv_heads", "head_dim",
-                                            "intermediate", "num_blocks", "block_size", "fmt", "nthreads")] + [
+                                            "intermediate", "num_blocks", "block_size", "fmt", "nthreads", "kv_int8")] + [
         ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
@@ -131,13 +132,22 @@ class NativeForward:
     def _bind(self, kv_caches: list[torch.Tensor]) -> None:
         if len(kv_caches) != len(self._layers):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(self._layers)} layers")
-        shape = kv_caches[0].shape
+        shape, dtype = kv_caches[0].shape, kv_caches[0].dtype
         for cache in kv_caches:
-            if cache.dtype != torch.bfloat16 or not cache.is_contiguous() or cache.shape != shape:
-                raise ValueError("KV caches must be contiguous bfloat16 tensors of one shape")
-        _, num_blocks, num_kv_heads, block_size, head_dim = shape
-        if (num_kv_heads, head_dim) != (self._desc.n_kv_heads, self._desc.head_dim):
+            if dtype not in (torch.bfloat16, torch.int8) or cache.dtype != dtype or not cache.is_contiguous() or \
+                    cache.shape != shape:
+                raise ValueError("KV caches must be contiguous bfloat16 (or int8-layout) tensors of one shape")
+        head_dim = self._desc.head_dim
+        if dtype == torch.int8:  # (2, num_blocks, Hkv, block_size * (head_dim + 4)): fabrik/models/kv_int8.py
+            _, num_blocks, num_kv_heads, region = shape
+            block_size = region // (head_dim + kv_int8.SCALE_BYTES)
+            fits = region == kv_int8.int8_kv_shape(num_blocks, num_kv_heads, block_size, head_dim)[-1]
+        else:
+            _, num_blocks, num_kv_heads, block_size, cache_head_dim = shape
+            fits = cache_head_dim == head_dim
+        if not fits or num_kv_heads != self._desc.n_kv_heads:
             raise ValueError(f"KV cache shape {tuple(shape)} does not fit the model")
+        self._desc.kv_int8 = int(dtype == torch.int8)
         for desc, cache in zip(self._layers, kv_caches):
             desc.kv_cache = cache.data_ptr()
         self._desc.num_blocks, self._desc.block_size = num_blocks, block_size

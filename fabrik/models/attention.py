@@ -19,6 +19,9 @@ Inside a block each KV head's ``block_size`` rows are contiguous (head-major), s
 whole runs of ``block_size * head_dim`` values instead of one ``head_dim`` slice out of every token's row: at decode,
 reading the cache is as much memory traffic as the weights once a batch holds a few long sequences.
 
+With ``kv_cache_dtype="int8"`` the cache holds 8-bit rows with one scale per token and head instead (layout and
+quantization in fabrik/models/kv_int8.py); ``paged_attention`` writes and reads either kind.
+
 ``paged_attention`` is the only entry point the models call, so a native kernel can replace it without touching them.
 """
 
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fabrik.model_config import ModelConfig
+from fabrik.models import kv_int8
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,29 @@ class AttentionMetadata:
 def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int, int]:
     """Shape of one layer's KV cache tensor: (2, num_blocks, num_kv_heads, block_size, head_dim)."""
     return (2, num_blocks, config.num_key_value_heads, block_size, config.head_dim)
+
+
+def make_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                   kv_cache_dtype: str = "auto") -> list[torch.Tensor]:
+    """One zeroed cache per layer: ``dtype`` rows of ``kv_cache_shape``, or the int8 layout of kv_int8.py."""
+    if kv_cache_dtype not in kv_int8.KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {kv_int8.KV_CACHE_DTYPES}")
+    if kv_cache_dtype == "int8":
+        shape, dtype = kv_int8.int8_kv_shape(num_blocks, config.num_key_value_heads, block_size, config.head_dim), \
+            torch.int8
+    else:
+        shape = kv_cache_shape(config, num_blocks, block_size)
+    # Zeroed, not empty: padded attention reads must never meet NaN garbage.
+    return [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of K and V one token takes across all layers (what the memory planner divides the budget by)."""
+    if kv_cache_dtype == "int8":
+        row = config.head_dim + kv_int8.SCALE_BYTES
+    else:
+        row = config.head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * row
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -80,7 +107,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     Returns:
         (T, Hq, D) attention output, in q's dtype.
     """
-    write_kv(k, v, kv_cache, meta.slot_mapping)
+    if kv_cache.dtype == torch.int8:
+        kv_int8.write(k, v, kv_cache, meta.slot_mapping, meta.block_size)
+    else:
+        write_kv(k, v, kv_cache, meta.slot_mapping)
     num_seqs = len(meta.seq_lens)
     if meta.query_start_loc == tuple(range(num_seqs + 1)):
         # Every sequence has exactly one new token: one batched call over the padded block tables.
@@ -93,15 +123,22 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return out
 
 
+def _read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """K and V of ``blocks`` (B...): (2, B..., Hkv, block_size, D), dequantized to q's dtype from an int8 cache."""
+    if kv_cache.dtype == torch.int8:
+        return kv_int8.read(kv_cache, blocks, q.shape[-1], q.dtype)
+    return kv_cache[:, blocks]
+
+
 def _sequence_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
                         block_size: int, scale: float) -> torch.Tensor:
     """Causal attention of one sequence's (L, Hq, D) new queries over its first ``seq_len`` cached positions."""
     q_len = q.shape[0]
     num_blocks = -(-seq_len // block_size)
-    blocks = block_table[:num_blocks]  # (B,)
-    _, _, num_kv_heads, _, head_dim = kv_cache.shape
-    keys = kv_cache[0, blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :seq_len]  # (Hkv, S, D)
-    values = kv_cache[1, blocks].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :seq_len]  # (Hkv, S, D)
+    kv = _read_blocks(kv_cache, block_table[:num_blocks], q)  # (2, B, Hkv, bs, D)
+    _, _, num_kv_heads, _, head_dim = kv.shape
+    keys = kv[0].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :seq_len]  # (Hkv, S, D)
+    values = kv[1].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :seq_len]  # (Hkv, S, D)
     if q_len == seq_len:
         mask = None  # a whole prompt: plain causal attention
     else:
@@ -124,13 +161,13 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
                       scale: float) -> torch.Tensor:
     """Attention of one (S, Hq, D) query per sequence over the whole cached history, batched."""
     num_seqs = q.shape[0]
-    _, _, num_kv_heads, block_size, head_dim = kv_cache.shape
     seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int64)  # (S,)
-    max_blocks = -(-max(meta.seq_lens) // block_size)
-    blocks = meta.block_tables[:, :max_blocks]  # (S, B)
+    max_blocks = -(-max(meta.seq_lens) // meta.block_size)
+    kv = _read_blocks(kv_cache, meta.block_tables[:, :max_blocks], q)  # (2, S, B, Hkv, bs, D)
+    _, _, _, num_kv_heads, _, head_dim = kv.shape
     # (S, B, Hkv, bs, D) -> (S, Hkv, P, D), P = B * block_size
-    keys = kv_cache[0, blocks].transpose(1, 2).reshape(num_seqs, num_kv_heads, -1, head_dim)
-    values = kv_cache[1, blocks].transpose(1, 2).reshape(num_seqs, num_kv_heads, -1, head_dim)
+    keys = kv[0].transpose(1, 2).reshape(num_seqs, num_kv_heads, -1, head_dim)
+    values = kv[1].transpose(1, 2).reshape(num_seqs, num_kv_heads, -1, head_dim)
     valid = torch.arange(keys.shape[2])[None, :] < seq_lens[:, None]  # (S, P)
     # NOTE: padding slots may hold anything, even NaN from an uninitialised cache, and a masked NaN still poisons
     # softmax(QK)V (0 * NaN = NaN), so they are zeroed as well as masked.

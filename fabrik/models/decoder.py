@@ -107,6 +107,9 @@ class DecoderForCausalLM(nn.Module):
     ``model.embed_tokens.weight``, so the state_dict has exactly the keys a tied checkpoint stores.
     """
 
+    kv_cache_dtypes = ("auto", "int8")
+    """KV cache kinds its attention reads (``paged_attention`` and the native forward handle both)."""
+
     def __init__(self, config: ModelConfig, options: DecoderOptions) -> None:
         super().__init__()
         self.config = config

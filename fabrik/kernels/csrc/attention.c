@@ -3,7 +3,8 @@
  * no gathered copy of K/V, no mask. An AVX-512 path instantiated per (G, head_dim) and a portable C path.
  *
  * Cache layout (fabrik/models/attention.py): (2, num_blocks, n_kv_heads, block_size, head_dim) bf16, so one head's
- * rows of a block are contiguous.
+ * rows of a block are contiguous; the int8 cache (fabrik/models/kv_int8.py) keeps that order, each (block, head)
+ * region ending with its rows' float32 scales.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -14,29 +15,47 @@
 #define LANES 16     /* fp32 partial sums of the portable path */
 #define KEY_CHUNK 32 /* keys scored at a time between softmax rescales */
 
-static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
+/* Row `off` of a region as floats: bf16 values, or int8 values times the row's scale. */
+static inline void row_to_f32(const attn_item *it, const char *region, int off, float *dst) {
+    int D = it->D;
+    if (it->int8) {
+        const int8_t *r = (const int8_t *)region + (long)off * D;
+        float s = ((const float *)(region + (long)it->bs * D))[off];
+        for (int d = 0; d < D; d++) dst[d] = (float)r[d] * s;
+    } else {
+        const uint16_t *r = (const uint16_t *)region + (long)off * D;
+        for (int d = 0; d < D; d++) dst[d] = bf16_to_f32(r[d]);
+    }
+}
+
+static inline float dot_f32(const float *q, const float *k, int D) {
     float part[LANES] = {0}, sum = 0.0f;
     int d = 0;
     for (; d + LANES <= D; d += LANES)
-        for (int l = 0; l < LANES; l++) part[l] += q[d + l] * bf16_to_f32(k[d + l]);
-    for (; d < D; d++) sum += q[d] * bf16_to_f32(k[d]);
+        for (int l = 0; l < LANES; l++) part[l] += q[d + l] * k[d + l];
+    for (; d < D; d++) sum += q[d] * k[d];
     for (int l = 0; l < LANES; l++) sum += part[l];
     return sum;
 }
 
-/* Starts loading K and V rows [p, p + 4) into L2. Both paths issue it every 4 keys, PREFETCH_KEYS ahead of use: spread out, the loads stay in flight beside the compute (a whole block's worth at once
- * stalls on the core's miss buffers, and the first block of an item was not prefetched at all): -20% time at batch
- * 1 and -28% at batch 8 (640 cached keys, 28 layers, in a microbenchmark). */
-static inline void prefetch_rows(const attn_item *it, int p) {
+/* Starts loading K and V rows [p, p + 4) into L2 (and an int8 cache's scales of them). Both paths issue it every 4
+ * keys, PREFETCH_KEYS ahead of use: spread out, the loads stay in flight beside the compute (a whole block's worth at
+ * once stalls on the core's miss buffers, and the first block of an item was not prefetched at all): -20% time at
+ * batch 1 and -28% at batch 8 (640 cached keys, 28 layers, in a microbenchmark). */
+static inline __attribute__((always_inline)) void prefetch_rows(const attn_item *it, int p) {
     if (p >= it->n_keys) return;
     int bs = it->bs, blk = (bs & (bs - 1)) ? p / bs : p >> __builtin_ctz(bs), off = p - blk * bs;
-    const char *k = (const char *)(it->k0 + it->table[blk] * it->block_stride + (long)off * it->D);
-    const char *v = k + it->v_offset * 2;
-    long bytes = 4L * it->D * 2;
+    long row = it->int8 ? it->D : 2L * it->D;
+    const char *region = it->k0 + it->table[blk] * it->block_stride, *k = region + off * row;
+    const char *v = k + it->v_offset;
 #pragma GCC unroll 16
-    for (long b = 0; b < bytes; b += 64) {
+    for (long b = 0; b < 4 * row; b += 64) {
         __builtin_prefetch(k + b, 0, 2);
         __builtin_prefetch(v + b, 0, 2);
+    }
+    if (it->int8) {
+        __builtin_prefetch(region + bs * row + off * 4, 0, 2);
+        __builtin_prefetch(region + it->v_offset + bs * row + off * 4, 0, 2);
     }
 }
 
@@ -71,8 +90,8 @@ static inline __attribute__((always_inline)) void attend_avx512_fixed(const attn
     }
     for (int p = 0; p < PREFETCH_KEYS; p += 4) prefetch_rows(it, p);
     for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
-        const uint16_t *K = it->k0 + it->table[t0 / bs] * it->block_stride;
-        const uint16_t *V = K + it->v_offset;
+        const char *region = it->k0 + it->table[t0 / bs] * it->block_stride;
+        const uint16_t *K = (const uint16_t *)region, *V = (const uint16_t *)(region + it->v_offset);
         int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
         for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
             int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
@@ -158,10 +177,11 @@ static int attend_avx512(const attn_item *it) {
 }
 #endif
 
-/* Portable path: the same online softmax in plain C (vectorized by the compiler where it can). */
+/* Portable path: the same online softmax in plain C (vectorized by the compiler where it can), either cache kind. */
 static void attend_generic(const attn_item *it) {
     int G = it->G, D = it->D, bs = it->bs;
     float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], m[MAX_GROUP], l[MAX_GROUP];
+    float kf[KEY_CHUNK][MAX_HEAD_DIM], vf[MAX_HEAD_DIM];
     for (int g = 0; g < G; g++) {
         for (int d = 0; d < D; d++) {
             qf[g][d] = bf16_to_f32(it->q[(long)g * D + d]);
@@ -172,16 +192,18 @@ static void attend_generic(const attn_item *it) {
     }
     for (int p = 0; p < PREFETCH_KEYS; p += 4) prefetch_rows(it, p);
     for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
-        const uint16_t *K = it->k0 + it->table[t0 / bs] * it->block_stride;
-        const uint16_t *V = K + it->v_offset;
+        const char *K = it->k0 + it->table[t0 / bs] * it->block_stride, *V = K + it->v_offset;
         int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
         for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
             int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
+            for (int i = 0; i < cn; i++) {
+                if (!(i & 3)) prefetch_rows(it, t0 + c0 + i + PREFETCH_KEYS);
+                row_to_f32(it, K, c0 + i, kf[i]);
+            }
             for (int g = 0; g < G; g++) {
                 float sc[KEY_CHUNK], mx = m[g];
                 for (int i = 0; i < cn; i++) {
-                    if (g == 0 && !(i & 3)) prefetch_rows(it, t0 + c0 + i + PREFETCH_KEYS);
-                    sc[i] = dot_bf16(qf[g], K + (long)(c0 + i) * D, D) * it->scale;
+                    sc[i] = dot_f32(qf[g], kf[i], D) * it->scale;
                     mx = sc[i] > mx ? sc[i] : mx;
                 }
                 if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
@@ -192,9 +214,9 @@ static void attend_generic(const attn_item *it) {
                 }
                 for (int i = 0; i < cn; i++) sc[i] = fexp(sc[i] - mx);
                 for (int i = 0; i < cn; i++) {
-                    const uint16_t *vr = V + (long)(c0 + i) * D;
+                    row_to_f32(it, V, c0 + i, vf);
                     l[g] += sc[i];
-                    for (int d = 0; d < D; d++) acc[g][d] += sc[i] * bf16_to_f32(vr[d]);
+                    for (int d = 0; d < D; d++) acc[g][d] += sc[i] * vf[d];
                 }
             }
         }
@@ -206,8 +228,11 @@ static void attend_generic(const attn_item *it) {
 }
 
 void fabrik_attend(const attn_item *it) {
+    if (it->int8) {
+        if (fabrik_attend_int8_avx512(it)) return;
+    }
 #ifdef HAVE_AVX512_ATTENTION
-    if (attend_avx512(it)) return;
+    else if (attend_avx512(it)) return;
 #endif
     attend_generic(it);
 }

@@ -8,21 +8,31 @@
 #define MAX_HEAD_DIM 512
 
 /* Where one attention work item reads: the G query heads of KV head `kvh` for batch token t of sequence s, over
- * the sequence's cached positions 0..pos(t) through its block table. */
+ * the sequence's cached positions 0..pos(t) through its block table. The cache holds, per (K | V, block, KV head),
+ * one region of bs rows: bf16 rows of D values, or (int8) rows of D int8 values followed by bs float32 scales, one
+ * per row (fabrik/models/kv_int8.py). */
 typedef struct {
     const uint16_t *q;     /* (G, D) bf16 queries */
     uint16_t *out;         /* (G, D) bf16 output */
-    const uint16_t *k0;    /* this KV head's K rows in cache block 0; block b is at k0 + b * block_stride */
+    const char *k0;        /* this KV head's K region in cache block 0; block b's is at k0 + b * block_stride */
     const int64_t *table;  /* the sequence's block ids */
-    long block_stride;     /* elements of one cache block (all heads) */
-    long v_offset;         /* V half of the cache */
+    long block_stride;     /* bytes of one cache block (all heads) */
+    long v_offset;         /* bytes from a K region to its V region */
     int n_keys, G, D, bs;
+    int int8;              /* 1: int8 rows with scales, 0: bf16 rows */
     float scale;
 } attn_item;
+
+/* Bytes of one (block, KV head) region. */
+static inline long attn_region_bytes(int int8, int bs, int D) { return int8 ? (long)bs * (D + 4) : 2L * bs * D; }
 
 /* out = softmax(q K^T * scale) V for the item's G heads, over its n_keys cached positions (causal: the caller sets
  * n_keys to the query's position + 1). */
 void fabrik_attend(const attn_item *it);
+
+/* The int8 cache's AVX-512 decode kernel (attention_int8.c); returns 0 when it has none for the item's shape or the
+ * CPU lacks AVX-512 BW / VNNI / BF16. */
+int fabrik_attend_int8_avx512(const attn_item *it);
 
 /* A prefill tile: n_q consecutive new tokens of one sequence, the G query heads of one KV head. Token i of the tile
  * reads its queries at item.q + i * q_stride, writes at item.out + i * out_stride and sees item.n_keys + i cached

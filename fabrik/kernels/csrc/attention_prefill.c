@@ -51,6 +51,21 @@ static inline __attribute__((always_inline)) void transpose16(__m512i *r) {
     }
 }
 
+/* Rows [c0, c0 + cn) of an int8 region (values, then bs float32 scales) as bf16 rows of D: round(v * scale). */
+static inline void dequantize_rows(const char *region, int bs, int c0, int cn, int D, uint16_t *out) {
+    const float *scales = (const float *)(region + (long)bs * D);
+    for (int j = 0; j < cn; j++) {
+        const int8_t *r = (const int8_t *)region + (long)(c0 + j) * D;
+        __m512 s = _mm512_set1_ps(scales[c0 + j]);
+        for (int d = 0; d < D; d += 32) {
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + d))));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r + d + 16))));
+            _mm512_storeu_si512(out + (long)j * D + d,
+                                (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s), _mm512_mul_ps(lo, s)));
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void tile_fixed(const attn_tile *tile, const int D) {
     const attn_item *it = &tile->item;
     const int G = it->G, NC = D / 32, bs = it->bs, rows = tile->n_q * G;
@@ -65,18 +80,30 @@ static inline __attribute__((always_inline)) void tile_fixed(const attn_tile *ti
         l[r] = 0.0f;
     }
     const __m512 scale = _mm512_set1_ps(it->scale), ninf = _mm512_set1_ps(-INFINITY);
+    const long row_bytes = it->int8 ? D : 2L * D;
+    uint16_t kbuf[16 * D], vbuf[16 * D]; /* an int8 chunk dequantized to bf16 */
     for (int t0 = 0; t0 < last_keys; t0 += bs) {
-        const uint16_t *Kb = it->k0 + it->table[t0 / bs] * it->block_stride;
+        const char *region = it->k0 + it->table[t0 / bs] * it->block_stride;
         int n = last_keys - t0 < bs ? last_keys - t0 : bs;
         for (int c0 = 0; c0 < n; c0 += 16) {
             const int cn = n - c0 < 16 ? n - c0 : 16, tc = t0 + c0;
-            const uint16_t *K = Kb + (long)c0 * D, *V = K + it->v_offset;
+            const uint16_t *K = (const uint16_t *)region + (long)c0 * D;
+            const uint16_t *V = (const uint16_t *)(region + it->v_offset) + (long)c0 * D;
+            if (it->int8) { /* once per chunk for all rows: the same bf16 keys and values torch's reference reads */
+                dequantize_rows(region, bs, c0, cn, D, kbuf);
+                dequantize_rows(region + it->v_offset, bs, c0, cn, D, vbuf);
+                K = kbuf, V = vbuf;
+            }
             if (tc + 16 < last_keys) { /* the next chunk's K and V toward L2 while this one is computed */
                 int nt = tc + 16, blk = nt / bs, off = nt - blk * bs;
-                const char *nk = (const char *)(it->k0 + it->table[blk] * it->block_stride + (long)off * D);
-                for (long b = 0; b < 16L * D * 2; b += 64) {
+                const char *nr = it->k0 + it->table[blk] * it->block_stride, *nk = nr + off * row_bytes;
+                for (long b = 0; b < 16 * row_bytes; b += 64) {
                     __builtin_prefetch(nk + b, 0, 2);
-                    __builtin_prefetch(nk + it->v_offset * 2 + b, 0, 2);
+                    __builtin_prefetch(nk + it->v_offset + b, 0, 2);
+                }
+                if (it->int8) {
+                    __builtin_prefetch(nr + bs * row_bytes + off * 4, 0, 2);
+                    __builtin_prefetch(nr + it->v_offset + bs * row_bytes + off * 4, 0, 2);
                 }
             }
             for (int c = 0; c < NC; c++) { /* rows past cn repeat the last one: their scores are masked */

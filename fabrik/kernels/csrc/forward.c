@@ -31,7 +31,7 @@ typedef struct {
     const fabrik_linear *down;
     const uint16_t *input_norm, *post_norm; /* (hidden,) bf16 */
     const uint16_t *q_norm, *k_norm;        /* (head_dim,) bf16, NULL without per-head norms */
-    uint16_t *kv_cache;                     /* (2, num_blocks, n_kv_heads, block_size, head_dim) bf16 */
+    char *kv_cache; /* (2, num_blocks, n_kv_heads, block_size, head_dim) bf16, or the int8 layout (attention.h) */
 } fabrik_layer;
 
 typedef struct {
@@ -39,7 +39,7 @@ typedef struct {
     const uint16_t *embed;      /* (vocab, hidden) bf16 */
     const uint16_t *final_norm; /* (hidden,) bf16 */
     int32_t n_layers, vocab, hidden, n_heads, n_kv_heads, head_dim, intermediate;
-    int32_t num_blocks, block_size, fmt, nthreads;
+    int32_t num_blocks, block_size, fmt, nthreads, kv_int8;
     float eps, scale;
 } fabrik_model;
 
@@ -98,22 +98,41 @@ static void norm_rope_head(uint16_t *h, const uint16_t *w, float eps, const uint
 }
 
 
+/* Row `offset` of a (block, head) region := x (D bf16 values), quantized for the int8 cache as
+ * fabrik/models/kv_int8.py does it, bit for bit: s = max|x| / 127, round(x / s) with ties to even. */
+static void store_kv_row(char *region, const uint16_t *x, long offset, int bs, int D, int int8) {
+    if (!int8) {
+        memcpy((uint16_t *)region + offset * D, x, (size_t)D * 2);
+        return;
+    }
+    float amax = 0.0f;
+    for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(bf16_to_f32(x[d])));
+    float scale = amax / 127.0f, safe = scale > 0.0f ? scale : 1.0f;
+    int8_t *r = (int8_t *)region + offset * D;
+    for (int d = 0; d < D; d++) {
+        float q = rintf(bf16_to_f32(x[d]) / safe);
+        r[d] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+    }
+    memcpy(region + (long)bs * D + offset * 4, &scale, 4);
+}
+
 /* Attention of n_q consecutive new tokens from t (one sequence s) for KV head kvh: one prefill tile when n_q > 1,
  * else the decode kernel. */
 static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const uint16_t *qkv,
                    long qkv_row, uint16_t *out, int t, int n_q, int s, int kvh) {
     int D = M->head_dim, G = M->n_heads / M->n_kv_heads;
     int q_len = B->query_start[s + 1] - B->query_start[s];
+    long region = attn_region_bytes(M->kv_int8, M->block_size, D);
     attn_tile tile = {
         .item = {
             .q = qkv + t * qkv_row + (long)kvh * G * D,
             .out = out + ((long)t * M->n_heads + (long)kvh * G) * D,
-            .k0 = Ly->kv_cache + (long)kvh * M->block_size * D,
+            .k0 = Ly->kv_cache + kvh * region,
             .table = B->block_tables + (long)s * B->max_blocks,
-            .block_stride = (long)M->n_kv_heads * M->block_size * D,
-            .v_offset = (long)M->num_blocks * M->block_size * M->n_kv_heads * D,
+            .block_stride = M->n_kv_heads * region,
+            .v_offset = (long)M->num_blocks * M->n_kv_heads * region,
             .n_keys = B->seq_lens[s] - q_len + (t - B->query_start[s]) + 1,
-            .G = G, .D = D, .bs = M->block_size, .scale = M->scale,
+            .G = G, .D = D, .bs = M->block_size, .int8 = M->kv_int8, .scale = M->scale,
         },
         .q_stride = qkv_row, .out_stride = (long)M->n_heads * D, .n_q = n_q,
     };
@@ -157,11 +176,11 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
         for (int hh = 0; hh < Hq; hh++) norm_rope_head(q + (long)hh * D, Ly->q_norm, M->eps, cos, sin, D);
         for (int hh = 0; hh < Hkv; hh++) norm_rope_head(k + (long)hh * D, Ly->k_norm, M->eps, cos, sin, D);
         long block = B->slots[t] / M->block_size, offset = B->slots[t] % M->block_size;
-        uint16_t *kc = Ly->kv_cache + (block * Hkv * M->block_size + offset) * D;
-        uint16_t *vc = kc + (long)M->num_blocks * M->block_size * kv_row;
+        long region = attn_region_bytes(M->kv_int8, M->block_size, D);
+        char *kc = Ly->kv_cache + block * Hkv * region, *vc = kc + (long)M->num_blocks * Hkv * region;
         for (int hh = 0; hh < Hkv; hh++) { /* head hh's row of this slot: block-major, then head, then offset */
-            memcpy(kc + (long)hh * M->block_size * D, k + (long)hh * D, (size_t)D * 2);
-            memcpy(vc + (long)hh * M->block_size * D, v + (long)hh * D, (size_t)D * 2);
+            store_kv_row(kc + hh * region, k + (long)hh * D, offset, M->block_size, D, M->kv_int8);
+            store_kv_row(vc + hh * region, v + (long)hh * D, offset, M->block_size, D, M->kv_int8);
         }
     }
     /* Work items are (tile of tokens, KV head); causal prefill items differ in length, hence dynamic scheduling. */
