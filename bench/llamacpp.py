@@ -159,20 +159,20 @@ def gguf_weight_bytes(path: str | Path) -> int:
 
 
 def run_bench(gguf: str | Path, threads: int, n_prompt: int, n_gen: int, repetitions: int,
-              version: str = VERSION, timeout: float = 1800.0) -> dict[str, Any]:
+              version: str = VERSION, timeout: float = 1800.0, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """``llama-bench -p N_PROMPT -n N_GEN -d 0,N_PROMPT`` (each test ``repetitions`` times).
 
     The ppN test is taken on an empty cache, like a fresh prompt; the tgN test after N_PROMPT tokens of context
     (``-d``), like the other engines' decode after their N_PROMPT-token prompt: a tg test on an empty cache reads
     no KV cache and would flatter llama.cpp against engines that decode after a prompt. Its empty-cache rate is kept
-    as ``tg_depth0_tokens_per_s``.
+    as ``tg_depth0_tokens_per_s``. ``extra`` is appended to the command (e.g. the KV cache type).
 
     Returns:
         ``{"pp_tokens_per_s", "tg_tokens_per_s", "pp_stddev", "tg_stddev", "tg_depth0_tokens_per_s", "command",
         "raw"}``.
     """
     command = [str(bin_dir(version) / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(n_prompt),
-               "-n", str(n_gen), "-d", f"0,{n_prompt}", "-r", str(repetitions), "-o", "json"]
+               "-n", str(n_gen), "-d", f"0,{n_prompt}", "-r", str(repetitions), "-o", "json", *extra]
     out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout).stdout
     rows = json.loads(out)
     result: dict[str, Any] = {"command": command, "raw": rows}
@@ -250,12 +250,13 @@ class Server:
 
 
 def server(gguf: str | Path, threads: int, slots: int, ctx_per_slot: int, log_path: Path,
-           version: str = VERSION) -> Server:
-    """A ``llama-server`` with ``slots`` parallel sequences of ``ctx_per_slot`` tokens each, on a free port."""
+           version: str = VERSION, extra: tuple[str, ...] = ()) -> Server:
+    """A ``llama-server`` with ``slots`` parallel sequences of ``ctx_per_slot`` tokens each, on a free port
+    (``extra``: more options, e.g. the KV cache type)."""
     port = free_port()
     command = [str(bin_dir(version) / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * ctx_per_slot),
-               "--no-webui", "--metrics"]
+               "--no-webui", "--metrics", *extra]
     return Server(command, port, log_path)
 
 

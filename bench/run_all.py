@@ -71,9 +71,18 @@ FABRIK_FORMATS: tuple[FabrikFormat, ...] = (
     # int4: 16 + 2 bytes per 32 weights; its LM head stays int8.
     FabrikFormat("int4 native", {"FABRIK_KERNELS": "native"}, ("--dtype", "bfloat16", "--quantization", "int4"),
                  18 / 32, 34 / 32),
+    # The same weights over the int8 KV cache (fabrik/models/kv_int8.py); compared with LLAMA_KV_VARIANTS below.
+    FabrikFormat("int4 native + int8 KV", {"FABRIK_KERNELS": "native"},
+                 ("--dtype", "bfloat16", "--quantization", "int4", "--kv-cache-dtype", "int8"), 18 / 32, 34 / 32),
 )
 """Every fabrik configuration benchmarked, in the order run; add a line when the engine gains a format. (The torch
 reference kernels, ``FABRIK_KERNELS=torch``, are 4-6x slower and left out to keep the run under 45 minutes.)"""
+
+LLAMA_KV_VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("Q4_0 + q8_0 KV", "Q4_0", ("-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on")),
+)
+"""llama.cpp runs beside its default f16 KV cache: (label, GGUF type, options); a quantized V cache needs flash
+attention."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +197,9 @@ def hf_latency(r: Runner, ckpt: Path, batch: int, tag: str) -> dict[str, Any]:
             "decode_tps_total": raw["decode_tokens_per_s_total"], "decode_tps_seq": raw["decode_tokens_per_s_per_seq"]}
 
 
-def llama_bench(r: Runner, gguf: Path, qtype: str, tag: str) -> dict[str, Any]:
+def llama_bench(r: Runner, gguf: Path, qtype: str, tag: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     s = r.settings
-    res = llamacpp.run_bench(gguf, THREADS, s.input_len, s.output_len, s.bench_reps)
+    res = llamacpp.run_bench(gguf, THREADS, s.input_len, s.output_len, s.bench_reps, extra=extra)
     r.note(res["command"])
     (r.run_dir / f"{tag}.json").write_text(json.dumps(res, indent=2))
     return {"engine": "llama.cpp", "format": qtype, "batch": 1, "prefill_tps": res["pp_tokens_per_s"],
@@ -233,10 +242,10 @@ def fabrik_serve(r: Runner, ckpt: Path, fmt: FabrikFormat, tag: str) -> dict[str
     return _serve_figure("fabrik", fmt.name, levels)
 
 
-def llama_serve(r: Runner, gguf: Path, qtype: str, tag: str) -> dict[str, Any]:
+def llama_serve(r: Runner, gguf: Path, qtype: str, tag: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     s = r.settings
     ctx = s.serve_input_len + s.serve_output_len + 64
-    srv = llamacpp.server(gguf, THREADS, max(s.serve_levels), ctx, r.run_dir / f"{tag}-server.log")
+    srv = llamacpp.server(gguf, THREADS, max(s.serve_levels), ctx, r.run_dir / f"{tag}-server.log", extra=extra)
     r.note(srv.command)
     with srv:
         levels = serve_levels(r, srv.url, "bench", tag)
@@ -309,20 +318,26 @@ def run(settings: Settings, work: Path, out_dir: Path, quick: bool) -> Path:
                                                     + head_bytes * head + 2 * counts["vector"])
     for qtype, path in ggufs.items():
         bytes_per_token[("llama.cpp", qtype)] = llamacpp.gguf_weight_bytes(path)
+    # (label, GGUF, options) of every llama.cpp configuration: each GGUF as it is, then the KV cache variants.
+    llama_runs = [(qtype, path, ()) for qtype, path in ggufs.items()]
+    for label, qtype, extra in LLAMA_KV_VARIANTS:
+        if qtype in ggufs:
+            llama_runs.append((label, ggufs[qtype], extra))
+            bytes_per_token[("llama.cpp", label)] = bytes_per_token[("llama.cpp", qtype)]
 
     offline: list[tuple[str, Callable[[str], dict[str, Any]]]] = []
     for fmt in FABRIK_FORMATS:
         for b in settings.batch_sizes:
             offline.append((f"fabrik-{fmt.name}-b{b}", lambda tag, fmt=fmt, b=b: fabrik_latency(r, ckpt, fmt, b, tag)))
-    for qtype, path in ggufs.items():
-        offline.append((f"llama-bench-{qtype}", lambda tag, p=path, q=qtype: llama_bench(r, p, q, tag)))
+    for label, path, extra in llama_runs:
+        offline.append((f"llama-bench-{label}", lambda tag, p=path, q=label, x=extra: llama_bench(r, p, q, tag, x)))
     for b in settings.batch_sizes:
         offline.append((f"hf-b{b}", lambda tag, b=b: hf_latency(r, ckpt, b, tag)))
     served: list[tuple[str, Callable[[str], dict[str, Any]]]] = []
     for fmt in FABRIK_FORMATS:
         served.append((f"serve-fabrik-{fmt.name}", lambda tag, fmt=fmt: fabrik_serve(r, ckpt, fmt, tag)))
-    for qtype, path in ggufs.items():
-        served.append((f"serve-llama-{qtype}", lambda tag, p=path, q=qtype: llama_serve(r, p, q, tag)))
+    for label, path, extra in llama_runs:
+        served.append((f"serve-llama-{label}", lambda tag, p=path, q=label, x=extra: llama_serve(r, p, q, tag, x)))
 
     figures: list[dict[str, Any]] = []
     serve_figures: list[dict[str, Any]] = []
