@@ -203,8 +203,10 @@ def test_engine_properties_hold_with_vector_attention(backend, vector_ckpt, kv):
     assert tight.engine.scheduler.num_preemptions > 0
 
 
-def test_int8_cache_on_the_portable_attention(backend, qwen3_ckpt):
-    _check_int8_cache(qwen3_ckpt, backend)  # head_dim 16: no AVX-512 kernel for the shape
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_int8_cache_on_the_portable_attention(backend, tmp_path, head_dim):
+    # No AVX-512 attention for these shapes; head_dim 24 also takes the scalar quantizer of the KV writes.
+    _check_int8_cache(make_checkpoint(tmp_path, "qwen3", head_dim=head_dim), backend)
 
 
 def test_int8_cache_on_the_vector_attention(backend, vector_ckpt):

@@ -18,6 +18,9 @@
 
 #include "attention.h"
 #include "fabrik.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define FMT_BF16 0
 #define FMT_INT8 1
@@ -98,6 +101,12 @@ static void norm_rope_head(uint16_t *h, const uint16_t *w, float eps, const uint
 }
 
 
+#ifdef __AVX512F__
+static inline __m512 load_bf16x16(const uint16_t *x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+#endif
+
 /* Row `offset` of a (block, head) region := x (D bf16 values), quantized for the int8 cache as
  * fabrik/models/kv_int8.py does it, bit for bit: s = max|x| / 127, round(x / s) with ties to even. */
 static void store_kv_row(char *region, const uint16_t *x, long offset, int bs, int D, int int8) {
@@ -105,10 +114,30 @@ static void store_kv_row(char *region, const uint16_t *x, long offset, int bs, i
         memcpy((uint16_t *)region + offset * D, x, (size_t)D * 2);
         return;
     }
+    int8_t *r = (int8_t *)region + offset * D;
+    float scale;
+#ifdef __AVX512F__
+    if (D % 16 == 0) { /* the same IEEE division and ties-to-even rounding on 16 lanes (scalar: ~0.3 ms a step) */
+        __m512 amax = _mm512_setzero_ps(), absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+        for (int d = 0; d < D; d += 16)
+            amax = _mm512_max_ps(amax, _mm512_and_ps(load_bf16x16(x + d), absmask));
+        scale = _mm512_reduce_max_ps(amax) / 127.0f;
+        __m512 safe = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
+        for (int d = 0; d < D; d += 16) {
+            __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load_bf16x16(x + d), safe),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.0f)),
+                                                         _mm512_set1_ps(127.0f)));
+            _mm_storeu_si128((__m128i *)(r + d), _mm512_cvtepi32_epi8(v));
+        }
+        memcpy(region + (long)bs * D + offset * 4, &scale, 4);
+        return;
+    }
+#endif
     float amax = 0.0f;
     for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(bf16_to_f32(x[d])));
-    float scale = amax / 127.0f, safe = scale > 0.0f ? scale : 1.0f;
-    int8_t *r = (int8_t *)region + offset * D;
+    scale = amax / 127.0f;
+    float safe = scale > 0.0f ? scale : 1.0f;
     for (int d = 0; d < D; d++) {
         float q = rintf(bf16_to_f32(x[d]) / safe);
         r[d] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
