@@ -54,13 +54,17 @@ static inline __attribute__((always_inline)) void prefetch_int8(const attn_item 
 static inline __attribute__((always_inline)) void attend_int8_fixed(const attn_item *it, const int G, const int D) {
     const int NC = D / 32, bs = it->bs;
     __m512i qv[G][NC];
-    float qscale[G], m[G], l[G];
+    float qscale[G], m[G];
+    __m512 l[G]; /* running sums of the weights, per lane: reduced once at the end */
     __m512 acc[G][2 * NC];
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
         const uint16_t *q = it->q + g * D;
-        float amax = 0.0f;
-        for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(bf16_to_f32(q[d])));
+        __m512i bits = _mm512_setzero_si512(); /* max |q| as the largest bf16 magnitude (fmaxf was a libm call) */
+        for (int d = 0; d < D; d += 32)
+            bits = _mm512_max_epu16(bits, _mm512_and_si512(_mm512_loadu_si512(q + d), _mm512_set1_epi16(0x7fff)));
+        float amax = bf16_to_f32((uint16_t)_mm512_reduce_max_epu32(_mm512_max_epu32(
+            _mm512_and_si512(bits, _mm512_set1_epi32(0xffff)), _mm512_srli_epi32(bits, 16))));
         qscale[g] = amax > 0.0f ? amax / 32767.0f : 1.0f;
         __m512 inv = _mm512_set1_ps(1.0f / qscale[g]);
 #pragma GCC unroll 8
@@ -68,7 +72,7 @@ static inline __attribute__((always_inline)) void attend_int8_fixed(const attn_i
 #pragma GCC unroll 16
         for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_setzero_ps();
         m[g] = -INFINITY;
-        l[g] = 0.0f;
+        l[g] = _mm512_setzero_ps();
     }
     for (int p = 0; p < PREFETCH_KEYS; p += 4) prefetch_int8(it, p, D);
     for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
@@ -115,13 +119,13 @@ static inline __attribute__((always_inline)) void attend_int8_fixed(const attn_i
                 if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
                     float r = fexp(m[g] - mx);
                     __m512 rv = _mm512_set1_ps(r);
-                    l[g] *= r;
+                    l[g] = _mm512_mul_ps(l[g], rv);
 #pragma GCC unroll 16
                     for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], rv);
                     m[g] = mx;
                 }
                 __m512 p0 = _mm512_maskz_mov_ps(k0, exp512(_mm512_sub_ps(s0, _mm512_set1_ps(m[g]))));
-                l[g] += _mm512_reduce_add_ps(p0);
+                l[g] = _mm512_add_ps(l[g], p0);
                 __m512 w0 = _mm512_mul_ps(p0, vs0);
                 float wmax = _mm512_reduce_max_ps(w0);
                 wscale[g] = wmax > 0.0f ? wmax / 32767.0f : 1.0f;
@@ -158,7 +162,7 @@ static inline __attribute__((always_inline)) void attend_int8_fixed(const attn_i
         }
     }
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++) store_output(it->out + (long)g * D, acc[g], D, 1.0f / l[g]);
+    for (int g = 0; g < G; g++) store_output(it->out + (long)g * D, acc[g], D, 1.0f / _mm512_reduce_add_ps(l[g]));
 }
 
 #define ATTEND_CASE(G_, D_)                                                                                            \
