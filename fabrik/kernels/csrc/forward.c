@@ -18,6 +18,7 @@
 
 #include "attention.h"
 #include "fabrik.h"
+#include "rowops.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -25,7 +26,6 @@
 #define FMT_BF16 0
 #define FMT_INT8 1
 #define FMT_INT4 2
-#define LANES 16 /* fp32 partial sums: one AVX-512 register (two AVX2 ones) */
 
 typedef struct {
     const fabrik_linear *qkv;     /* q, k, v projections side by side: output row = [q | k | v] */
@@ -56,50 +56,13 @@ typedef struct {
     int32_t T, S, max_blocks;
 } fabrik_batch;
 
-static inline float bmul(float a, float b) { return bf16_to_f32(f32_to_bf16(a * b)); }
-
-
-/* out = w * bf16(x * rsqrt(mean(x^2) + eps)) over one row of n; with y, first x = bf16(x + y) in place.
- * out may be y (y is read in full before out is written). */
-static void rmsnorm_row(uint16_t *x, const uint16_t *y, const uint16_t *w, int n, float eps, uint16_t *out) {
-    if (y)
-        for (int i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
-    float part[LANES] = {0}, sum = 0.0f;
-    int i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) {
-            float v = bf16_to_f32(x[i + l]);
-            part[l] += v * v;
-        }
-    for (; i < n; i++) sum += bf16_to_f32(x[i]) * bf16_to_f32(x[i]);
-    for (int l = 0; l < LANES; l++) sum += part[l];
-    float r = 1.0f / sqrtf(sum / (float)n + eps);
-    for (i = 0; i < n; i++) out[i] = f32_to_bf16(bmul(bf16_to_f32(x[i]), r) * bf16_to_f32(w[i]));
-}
-
 static void rmsnorm_rows(const fabrik_model *M, uint16_t *x, const uint16_t *y, const uint16_t *w, int T,
                          uint16_t *out) {
     int H = M->hidden;
 #pragma omp parallel for num_threads(M->nthreads) if (T >= 8) schedule(static)
     for (int t = 0; t < T; t++)
-        rmsnorm_row(x + (long)t * H, y ? y + (long)t * H : NULL, w, H, M->eps, out + (long)t * H);
+        fabrik_rmsnorm_row(x + (long)t * H, y ? y + (long)t * H : NULL, w, H, M->eps, out + (long)t * H);
 }
-
-/* One head in place: optional per-head RMSNorm, then rotate-half RoPE as torch computes it in bf16:
- * x * cos + rotate_half(x) * sin, each product and the sum rounded to bf16. */
-static void norm_rope_head(uint16_t *h, const uint16_t *w, float eps, const uint16_t *cos, const uint16_t *sin,
-                           int D) {
-    if (w) rmsnorm_row(h, NULL, w, D, eps, h);
-    int half = D / 2;
-    for (int i = 0; i < half; i++) {
-        float x1 = bf16_to_f32(h[i]), x2 = bf16_to_f32(h[i + half]);
-        float c1 = bf16_to_f32(cos[i]), c2 = bf16_to_f32(cos[i + half]);
-        float s1 = bf16_to_f32(sin[i]), s2 = bf16_to_f32(sin[i + half]);
-        h[i] = f32_to_bf16(bmul(x1, c1) - bmul(x2, s1));
-        h[i + half] = f32_to_bf16(bmul(x2, c2) + bmul(x1, s2));
-    }
-}
-
 
 #ifdef __AVX512F__
 static inline __m512 load_bf16x16(const uint16_t *x) {
@@ -202,8 +165,8 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
     for (int t = 0; t < T; t++) {
         const uint16_t *cos = B->cos + (long)t * D, *sin = B->sin + (long)t * D;
         uint16_t *q = qkv + t * qkv_row, *k = q + q_row, *v = k + kv_row;
-        for (int hh = 0; hh < Hq; hh++) norm_rope_head(q + (long)hh * D, Ly->q_norm, M->eps, cos, sin, D);
-        for (int hh = 0; hh < Hkv; hh++) norm_rope_head(k + (long)hh * D, Ly->k_norm, M->eps, cos, sin, D);
+        for (int hh = 0; hh < Hq; hh++) fabrik_norm_rope_head(q + (long)hh * D, Ly->q_norm, M->eps, cos, sin, D);
+        for (int hh = 0; hh < Hkv; hh++) fabrik_norm_rope_head(k + (long)hh * D, Ly->k_norm, M->eps, cos, sin, D);
         long block = B->slots[t] / M->block_size, offset = B->slots[t] % M->block_size;
         long region = attn_region_bytes(M->kv_int8, M->block_size, D);
         char *kc = Ly->kv_cache + block * Hkv * region, *vc = kc + (long)M->num_blocks * Hkv * region;
@@ -222,14 +185,7 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
     rmsnorm_rows(M, x, h, Ly->post_norm, T, h);
     if (linear(M, Ly->gate_up, h, T, gu)) return -1;
 #pragma omp parallel for num_threads(M->nthreads) if ((long)T * I >= 32768) schedule(static)
-    for (int t = 0; t < T; t++) { /* torch: silu in fp32 rounded to bf16, then the product rounded */
-        const uint16_t *g = gu + (long)t * 2 * I, *u = g + I;
-        uint16_t *o = act + (long)t * I;
-        for (int i = 0; i < I; i++) {
-            float gf = bf16_to_f32(g[i]);
-            o[i] = f32_to_bf16(bmul(gf / (1.0f + fexp(-gf)), 1.0f) * bf16_to_f32(u[i]));
-        }
-    }
+    for (int t = 0; t < T; t++) fabrik_silu_mul_row(gu + (long)t * 2 * I, gu + (long)t * 2 * I + I, I, act + (long)t * I);
     return linear(M, Ly->down, act, T, h);
 }
 
