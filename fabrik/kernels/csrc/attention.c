@@ -38,27 +38,6 @@ static inline float dot_f32(const float *q, const float *k, int D) {
     return sum;
 }
 
-/* Starts loading K and V rows [p, p + 4) into L2 (and an int8 cache's scales of them). Both paths issue it every 4
- * keys, PREFETCH_KEYS ahead of use: spread out, the loads stay in flight beside the compute (a whole block's worth at
- * once stalls on the core's miss buffers, and the first block of an item was not prefetched at all): -20% time at
- * batch 1 and -28% at batch 8 (640 cached keys, 28 layers, in a microbenchmark). */
-static inline __attribute__((always_inline)) void prefetch_rows(const attn_item *it, int p) {
-    if (p >= it->n_keys) return;
-    int bs = it->bs, blk = (bs & (bs - 1)) ? p / bs : p >> __builtin_ctz(bs), off = p - blk * bs;
-    long row = it->int8 ? it->D : 2L * it->D;
-    const char *region = it->k0 + it->table[blk] * it->block_stride, *k = region + off * row;
-    const char *v = k + it->v_offset;
-#pragma GCC unroll 16
-    for (long b = 0; b < 4 * row; b += 64) {
-        __builtin_prefetch(k + b, 0, 2);
-        __builtin_prefetch(v + b, 0, 2);
-    }
-    if (it->int8) {
-        __builtin_prefetch(region + bs * row + off * 4, 0, 2);
-        __builtin_prefetch(region + it->v_offset + bs * row + off * 4, 0, 2);
-    }
-}
-
 #define PREFETCH_KEYS 24
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -88,7 +67,7 @@ static inline __attribute__((always_inline)) void attend_avx512_fixed(const attn
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
-    for (int p = 0; p < PREFETCH_KEYS; p += 4) prefetch_rows(it, p);
+    for (int p = 0; p < PREFETCH_KEYS; p += 4) attn_prefetch_rows(it, p);
     for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
         const char *region = it->k0 + it->table[t0 / bs] * it->block_stride;
         const uint16_t *K = (const uint16_t *)region, *V = (const uint16_t *)(region + it->v_offset);
@@ -97,7 +76,7 @@ static inline __attribute__((always_inline)) void attend_avx512_fixed(const attn
             int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
             float sc[G][KEY_CHUNK] __attribute__((aligned(64)));
             for (int i = 0; i < cn; i += 4) {
-                prefetch_rows(it, t0 + c0 + i + PREFETCH_KEYS);
+                attn_prefetch_rows(it, t0 + c0 + i + PREFETCH_KEYS);
                 __m512 a[4][G];
 #pragma GCC unroll 4
                 for (int j = 0; j < 4; j++)
@@ -190,14 +169,14 @@ static void attend_generic(const attn_item *it) {
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
-    for (int p = 0; p < PREFETCH_KEYS; p += 4) prefetch_rows(it, p);
+    for (int p = 0; p < PREFETCH_KEYS; p += 4) attn_prefetch_rows(it, p);
     for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
         const char *K = it->k0 + it->table[t0 / bs] * it->block_stride, *V = K + it->v_offset;
         int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
         for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
             int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
             for (int i = 0; i < cn; i++) {
-                if (!(i & 3)) prefetch_rows(it, t0 + c0 + i + PREFETCH_KEYS);
+                if (!(i & 3)) attn_prefetch_rows(it, t0 + c0 + i + PREFETCH_KEYS);
                 row_to_f32(it, K, c0 + i, kf[i]);
             }
             for (int g = 0; g < G; g++) {

@@ -34,21 +34,6 @@ static inline __m512i bf16_to_i16(const uint16_t *v, __m512 inv) {
 /* Sign-extended int8 row slice: 32 values -> 32 int16. */
 static inline __m512i load_i8(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); }
 
-static inline __attribute__((always_inline)) void prefetch_int8(const attn_item *it, int p, long row) {
-    if (p >= it->n_keys) return;
-    int bs = it->bs, blk = p / bs, off = p - blk * bs;
-    const char *region = it->k0 + it->table[blk] * it->block_stride, *k = region + off * row;
-#pragma GCC unroll 8
-    for (long b = 0; b < 4 * row; b += 64) {
-        __builtin_prefetch(k + b, 0, 2);
-        __builtin_prefetch(k + it->v_offset + b, 0, 2);
-    }
-    if (!(off & 15)) { /* the scales of 16 rows share a cache line */
-        __builtin_prefetch(region + bs * row + off * 4, 0, 2);
-        __builtin_prefetch(region + it->v_offset + bs * row + off * 4, 0, 2);
-    }
-}
-
 #define PREFETCH_KEYS 32
 
 static inline __attribute__((always_inline)) void attend_int8_fixed(const attn_item *it, const int G, const int D) {
@@ -74,7 +59,7 @@ static inline __attribute__((always_inline)) void attend_int8_fixed(const attn_i
         m[g] = -INFINITY;
         l[g] = _mm512_setzero_ps();
     }
-    for (int p = 0; p < PREFETCH_KEYS; p += 4) prefetch_int8(it, p, D);
+    for (int p = 0; p < PREFETCH_KEYS; p += 4) attn_prefetch_rows(it, p);
     for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
         const char *region = it->k0 + it->table[t0 / bs] * it->block_stride;
         const int8_t *K = (const int8_t *)region, *V = (const int8_t *)(region + it->v_offset);
@@ -84,7 +69,7 @@ static inline __attribute__((always_inline)) void attend_int8_fixed(const attn_i
             int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
             float sc[G][KEY_CHUNK] __attribute__((aligned(64)));
             for (int i = 0; i < cn; i += 4) {
-                prefetch_int8(it, t0 + c0 + i + PREFETCH_KEYS, D);
+                attn_prefetch_rows(it, t0 + c0 + i + PREFETCH_KEYS);
                 __m512i a[4][G];
 #pragma GCC unroll 4
                 for (int j = 0; j < 4; j++)
