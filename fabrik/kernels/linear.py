@@ -163,27 +163,29 @@ def quantize_and_pack(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     return _pack_units(*quantize(weight, fmt), 8 if fmt == "int8" else 4)
 
 
-def quantize_activations(x: torch.Tensor, k_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernels' activation quantization: per row and group of 32, scale = absmax / 127 (float32).
+def quantize_activations(x: torch.Tensor, k_pad: int, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantization: per row and ``group`` values (the weights' group: 32, 64 or 128),
+    scale = absmax / 127 (float32).
 
     Returns:
-        (xq, scale): xq (M, Kp) float32 holding integers in [-127, 127]; scale (M, Kp / 32) float32.
+        (xq, scale): xq (M, Kp) float32 holding integers in [-127, 127]; scale (M, Kp / 32) float32, one per 32
+        values (a group of 64 or 128 repeats its scale).
     """
     x = x.float()
     if k_pad != x.shape[-1]:
         x = F.pad(x, (0, k_pad - x.shape[-1]))
-    x = x.view(x.shape[0], -1, GROUP)  # (M, G, 32)
-    amax = x.abs().amax(dim=-1)  # (M, G)
+    x = x.view(x.shape[0], -1, group)  # (M, Kp / group, group)
+    amax = x.abs().amax(dim=-1)  # (M, Kp / group)
     # NOTE: a tensor divisor, not ``127.0 / amax``: torch computes scalar / tensor as a product with the reciprocal,
     # which is off by an ulp often enough to flip ties (x * inv = k + 0.5) against the kernel's true division.
     inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     xq = torch.round(x * inv[..., None])
-    return xq.view(x.shape[0], -1), amax / 127.0
+    return xq.view(x.shape[0], -1), (amax / 127.0).repeat_interleave(group // GROUP, dim=1)
 
 
 def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """What the int8 and int4 kernels compute, in float64: quantized activations times quantized weights, per group
-    of 32 (a weight scale of a larger group applies to each of its groups of 32).
+    """What the int8 and int4 kernels compute, in float64: activations quantized per group of the weights, times
+    the quantized weights, summed per group of 32 (a scale of a larger group applies to each of its groups of 32).
 
     Args:
         x: (M, K) activations.
@@ -193,8 +195,9 @@ def int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: 
     Returns:
         (M, N) float64.
     """
-    scale = scale.repeat_interleave(q.shape[1] // GROUP // scale.shape[1], dim=1)  # (N, Kp / 32)
-    xq, xs = quantize_activations(x, q.shape[1])
+    group = q.shape[1] // scale.shape[1]
+    scale = scale.repeat_interleave(group // GROUP, dim=1)  # (N, Kp / 32)
+    xq, xs = quantize_activations(x, q.shape[1], group)
     m, g = xs.shape
     dots = torch.einsum("mgk,ngk->mng", xq.double().view(m, g, GROUP), q.double().view(q.shape[0], g, GROUP))
     factors = (scale.float()[None, :, :] * xs[:, None, :]).double()  # (M, N, G), fp32 products like the kernel
@@ -325,9 +328,9 @@ class TorchQuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xq, xs = quantize_activations(x2, self.q.shape[1])
-        x_deq = (xq.view(xq.shape[0], -1, GROUP) * xs[..., None]).view(xq.shape)  # (M, Kp)
         group = self.q.shape[1] // self.scale.shape[1]
+        xq, xs = quantize_activations(x2, self.q.shape[1], group)
+        x_deq = (xq.view(xq.shape[0], -1, GROUP) * xs[..., None]).view(xq.shape)  # (M, Kp)
         w_deq = (self.q.float().view(self.out_features, -1, group) * self.scale.float()[..., None]).view(self.q.shape)
         out = F.linear(x_deq, w_deq, self.bias)  # (M, N) float32
         return out.to(self.out_dtype or x.dtype).view(*lead, self.out_features)

@@ -17,8 +17,9 @@
 #include "linear.h"
 
 /* ---------------------------------------------------------------------------------------------------------------
- * int8: activations are quantized per group of 32 (symmetric absmax, like the weights); the integer dot product of
- * a group is exact, then scaled by w_scale * x_scale in fp32.
+ * int8: activations are quantized per group of the weights' size (32, or 64 / 128 for int4-g64 / -g128; symmetric
+ * absmax, like the weights); the integer dot product of a group of 32 is exact, then scaled by w_scale * x_scale in
+ * fp32. The scale and correction arrays keep one entry per 32 values, repeated across a larger group.
  * ------------------------------------------------------------------------------------------------------------- */
 typedef struct {
     int8_t *q;     /* (M, Kp) quantized x */
@@ -26,57 +27,67 @@ typedef struct {
     int32_t *corr; /* (M, Kp / 32): 128 * sum of q over the group (removes the +128 of the weights) */
 } quant_x;
 
-/* Quantizes group g of row m of x: scale = absmax / 127, q = round-half-even(x * (127 / absmax)). */
-static void quantize_group(const void *x, int flags, int m, int g, int K, int Kp, quant_x *qx) {
-    float v[GROUP], amax = 0.0f;
-    for (int j = 0; j < GROUP; j++) {
-        int k = g * GROUP + j;
+/* Quantizes group g (of xg values) of row m of x: scale = absmax / 127, q = round-half-even(x * (127 / absmax)). */
+static void quantize_group(const void *x, int flags, int m, int g, int xg, int K, int Kp, quant_x *qx) {
+    float v[128], amax = 0.0f;
+    for (int j = 0; j < xg; j++) {
+        int k = g * xg + j;
         v[j] = k < K ? load_x(x, flags, (long)m * K + k) : 0.0f;
         float a = fabsf(v[j]);
         amax = a > amax ? a : amax;
     }
-    int8_t *q = qx->q + (long)m * Kp + g * GROUP;
-    int32_t sum = 0;
+    int8_t *q = qx->q + (long)m * Kp + g * xg;
     float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int j = 0; j < GROUP; j++) {
-        int qi = (int)nearbyintf(v[j] * inv);
-        q[j] = (int8_t)qi;
-        sum += qi;
+    for (int s = 0; s < xg / GROUP; s++) { /* per 32: the kernels' scale and correction entries */
+        int32_t sum = 0;
+        for (int j = s * GROUP; j < (s + 1) * GROUP; j++) {
+            int qi = (int)nearbyintf(v[j] * inv);
+            q[j] = (int8_t)qi;
+            sum += qi;
+        }
+        long e = (long)m * (Kp / GROUP) + g * (xg / GROUP) + s;
+        qx->scale[e] = amax / 127.0f;
+        qx->corr[e] = 128 * sum;
     }
-    qx->scale[(long)m * (Kp / GROUP) + g] = amax / 127.0f;
-    qx->corr[(long)m * (Kp / GROUP) + g] = 128 * sum;
 }
 
 /* The same on 16 lanes for the whole groups of a bf16 row (the native forward's activations), the scalar code for
  * the rest: the same float operations, so the same results. */
-T512 static void quantize_row_avx512(const void *x, int flags, int m, int K, int Kp, quant_x *qx) {
-    int G = Kp / GROUP, whole = (flags & X_BF16) ? K / GROUP : 0;
-    const uint16_t *xr = (const uint16_t *)x + (long)m * K;
-    for (int g = 0; g < whole; g++) {
-        __m512i raw = _mm512_loadu_si512(xr + g * GROUP); /* 32 bf16 */
-        __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-        __m512 v1 = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-        int8_t *q = qx->q + (long)m * Kp + g * GROUP;
-        _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
-        qx->scale[(long)m * G + g] = amax / 127.0f;
-        qx->corr[(long)m * G + g] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    }
-    for (int g = whole; g < G; g++) quantize_group(x, flags, m, g, K, Kp, qx);
+T512 static inline __m512 bf16x16_avx512(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* Quantizes every row of x, over the threads when there are enough rows. */
-static void quantize_x(const fabrik_linear *L, const void *x, int flags, int M, quant_x *qx) {
+T512 static void quantize_row_avx512(const void *x, int flags, int m, int xg, int K, int Kp, quant_x *qx) {
+    int G = Kp / GROUP, whole = (flags & X_BF16) ? K / xg : 0;
+    const uint16_t *xr = (const uint16_t *)x + (long)m * K;
+    for (int g = 0; g < whole; g++) {
+        const uint16_t *xs = xr + (long)g * xg;
+        __m512 mx = _mm512_setzero_ps();
+        for (int j = 0; j < xg; j += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(bf16x16_avx512(xs + j)));
+        float amax = _mm512_reduce_max_ps(mx);
+        __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        for (int s = 0; s < xg / GROUP; s++) { /* per 32: the kernels' scale and correction entries */
+            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(bf16x16_avx512(xs + s * GROUP), inv));
+            __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(bf16x16_avx512(xs + s * GROUP + 16), inv));
+            int8_t *q = qx->q + (long)m * Kp + (long)g * xg + s * GROUP;
+            _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+            long e = (long)m * G + (long)g * (xg / GROUP) + s;
+            qx->scale[e] = amax / 127.0f;
+            qx->corr[e] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        }
+    }
+    for (int g = whole; g < Kp / xg; g++) quantize_group(x, flags, m, g, xg, K, Kp, qx);
+}
+
+/* Quantizes every row of x in groups of xg values, over the threads when there are enough rows. */
+static void quantize_x(const fabrik_linear *L, const void *x, int flags, int M, int xg, quant_x *qx) {
 #pragma omp parallel for num_threads(L->nthreads) if (M >= 8) schedule(static)
     for (int m = 0; m < M; m++) {
         if (L->isa == ISA_AVX512)
-            quantize_row_avx512(x, flags, m, L->k, L->kp, qx);
+            quantize_row_avx512(x, flags, m, xg, L->k, L->kp, qx);
         else
-            for (int g = 0; g < L->kp / GROUP; g++) quantize_group(x, flags, m, g, L->k, L->kp, qx);
+            for (int g = 0; g < L->kp / xg; g++) quantize_group(x, flags, m, g, xg, L->k, L->kp, qx);
     }
 }
 
@@ -109,11 +120,12 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
     __m512 facc[6];
 #pragma GCC unroll 6
     for (int i = 0; i < MT; i++) facc[i] = _mm512_setzero_ps();
+    __m512i a0[6], a1[6];
     for (int s = 0; s < S; s++) {
         const uint8_t *u = unit_data(blk, s, BITS, GS), *sc = unit_scales(blk, s, BITS, GS);
-        __m512i a0[6], a1[6];
+        if (GS != 128 || !(s & 1))
 #pragma GCC unroll 6
-        for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm512_setzero_si512();
+            for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int c = 0; c < 8; c++) {
             prefetch_step(&pf);
@@ -138,16 +150,26 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
                 a1[i] = dpbusd_bcast(a1[i], w1, xq + 8 + c);
             }
         }
+        if (GS == 128 && !(s & 1)) continue; /* a group of 128 spans two units: its sums go on in int32 */
         __m512 sc0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
         __m512 sc1 = GS == 32 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 32))) : sc0;
 #pragma GCC unroll 6
         for (int i = 0; i < MT; i++) {
             long gi = (long)(m0 + i) * G + 2 * s;
-            int c0 = BITS == 8 ? qx->corr[gi] : qx->corr[gi] / 16, c1 = BITS == 8 ? qx->corr[gi + 1] : qx->corr[gi + 1] / 16;
-            __m512 d0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a0[i], _mm512_set1_epi32(c0)));
-            __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a1[i], _mm512_set1_epi32(c1)));
-            facc[i] = _mm512_fmadd_ps(d0, _mm512_mul_ps(sc0, _mm512_set1_ps(qx->scale[gi])), facc[i]);
-            facc[i] = _mm512_fmadd_ps(d1, _mm512_mul_ps(sc1, _mm512_set1_ps(qx->scale[gi + 1])), facc[i]);
+            if (GS == 32) {
+                int c0 = BITS == 8 ? qx->corr[gi] : qx->corr[gi] / 16;
+                int c1 = BITS == 8 ? qx->corr[gi + 1] : qx->corr[gi + 1] / 16;
+                __m512 d0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a0[i], _mm512_set1_epi32(c0)));
+                __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a1[i], _mm512_set1_epi32(c1)));
+                facc[i] = _mm512_fmadd_ps(d0, _mm512_mul_ps(sc0, _mm512_set1_ps(qx->scale[gi])), facc[i]);
+                facc[i] = _mm512_fmadd_ps(d1, _mm512_mul_ps(sc1, _mm512_set1_ps(qx->scale[gi + 1])), facc[i]);
+            } else { /* one weight scale and one x scale over the group (int4 only): its sums add exactly first */
+                int corr = 0;
+                for (long e = gi + 2 - GS / GROUP; e < gi + 2; e++) corr += qx->corr[e] / 16;
+                __m512i a = _mm512_sub_epi32(_mm512_add_epi32(a0[i], a1[i]), _mm512_set1_epi32(corr));
+                facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sc0, _mm512_set1_ps(qx->scale[gi])),
+                                          facc[i]);
+            }
         }
     }
 #pragma GCC unroll 6
@@ -287,7 +309,7 @@ static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out,
     if (!qx.q || !qx.scale || !qx.corr) {
         rc = -1;
     } else {
-        quantize_x(L, x, flags, M, &qx);
+        quantize_x(L, x, flags, M, bits == 8 ? GROUP : L->group, &qx); /* the weights' group */
         int avx512 = L->isa == ISA_AVX512;
         quant_run run = bits == 8          ? (avx512 ? int8_run_avx512 : int8_run_avx2)
                         : L->group == 128 ? (avx512 ? int4g128_run_avx512 : int4g128_run_avx2)
