@@ -4,10 +4,10 @@
  *   q K^T: the item's queries quantized once to int16 (one scale per head, ~15 bits: far finer than the keys), each
  *          key row sign-extended to int16 and multiplied with vpdpwssd (int32 sums, exact), then
  *          score = sum * q_scale * k_scale[row] * scale.
- *   P V:   the softmax weights times each row's V scale, quantized to int16 per 32-key chunk (scale = max / 32767),
+ *   P V:   the softmax weights times each row's V scale, quantized to int16 per 16-key chunk (scale = max / 32767),
  *          V rows sign-extended and paired (unpack lo / hi, as the bf16 kernel pairs bf16 rows), vpdpwssd into int32
  *          sums that are scaled into the fp32 running output once per chunk.
- * Bounds: |k| <= 127, |q| <= 32767 over D <= 256 values and |v| <= 127, |w| <= 32767 over 32 keys stay far inside
+ * Bounds: |k| <= 127, |q| <= 32767 over D <= 256 values and |v| <= 127, |w| <= 32767 over 16 keys stay inside
  * int32. The running output keeps the bf16 kernel's unpacked lane order (store_output undoes it).
  */
 #include <math.h>
@@ -93,7 +93,7 @@ static inline __attribute__((always_inline)) void attend_int8_fixed(const attn_i
                 }
             }
             const __mmask16 k0 = (__mmask16)((1u << cn) - 1u);
-            __m512 vs0 = _mm512_maskz_loadu_ps(k0, vs + c0); /* masked: the scales end with the chunk */
+            __m512 vs0 = _mm512_maskz_loadu_ps(k0, vs + c0); /* masked: past the chunk may be past the cache */
             uint32_t pp[G][KEY_CHUNK / 2] __attribute__((aligned(32)));
             float wscale[G];
 #pragma GCC unroll 8

@@ -19,9 +19,6 @@
 #include "attention.h"
 #include "fabrik.h"
 #include "rowops.h"
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
 #define FMT_BF16 0
 #define FMT_INT8 1
@@ -62,50 +59,6 @@ static void rmsnorm_rows(const fabrik_model *M, uint16_t *x, const uint16_t *y, 
 #pragma omp parallel for num_threads(M->nthreads) if (T >= 8) schedule(static)
     for (int t = 0; t < T; t++)
         fabrik_rmsnorm_row(x + (long)t * H, y ? y + (long)t * H : NULL, w, H, M->eps, out + (long)t * H);
-}
-
-#ifdef __AVX512F__
-static inline __m512 load_bf16x16(const uint16_t *x) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
-}
-#endif
-
-/* Row `offset` of a (block, head) region := x (D bf16 values), quantized for the int8 cache as
- * fabrik/models/kv_int8.py does it, bit for bit: s = max|x| / 127, round(x / s) with ties to even. */
-static void store_kv_row(char *region, const uint16_t *x, long offset, int bs, int D, int int8) {
-    if (!int8) {
-        memcpy((uint16_t *)region + offset * D, x, (size_t)D * 2);
-        return;
-    }
-    int8_t *r = (int8_t *)region + offset * D;
-    float scale;
-#ifdef __AVX512F__
-    if (D % 16 == 0) { /* the same IEEE division and ties-to-even rounding on 16 lanes (scalar: ~0.3 ms a step) */
-        __m512 amax = _mm512_setzero_ps(), absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-        for (int d = 0; d < D; d += 16)
-            amax = _mm512_max_ps(amax, _mm512_and_ps(load_bf16x16(x + d), absmask));
-        scale = _mm512_reduce_max_ps(amax) / 127.0f;
-        __m512 safe = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
-        for (int d = 0; d < D; d += 16) {
-            __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load_bf16x16(x + d), safe),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m512i v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.0f)),
-                                                         _mm512_set1_ps(127.0f)));
-            _mm_storeu_si128((__m128i *)(r + d), _mm512_cvtepi32_epi8(v));
-        }
-        memcpy(region + (long)bs * D + offset * 4, &scale, 4);
-        return;
-    }
-#endif
-    float amax = 0.0f;
-    for (int d = 0; d < D; d++) amax = fmaxf(amax, fabsf(bf16_to_f32(x[d])));
-    scale = amax / 127.0f;
-    float safe = scale > 0.0f ? scale : 1.0f;
-    for (int d = 0; d < D; d++) {
-        float q = rintf(bf16_to_f32(x[d]) / safe);
-        r[d] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
-    }
-    memcpy(region + (long)bs * D + offset * 4, &scale, 4);
 }
 
 /* Attention of n_q consecutive new tokens from t (one sequence s) for KV head kvh: one prefill tile when n_q > 1,
@@ -171,8 +124,8 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
         long region = attn_region_bytes(M->kv_int8, M->block_size, D);
         char *kc = Ly->kv_cache + block * Hkv * region, *vc = kc + (long)M->num_blocks * Hkv * region;
         for (int hh = 0; hh < Hkv; hh++) { /* head hh's row of this slot: block-major, then head, then offset */
-            store_kv_row(kc + hh * region, k + (long)hh * D, offset, M->block_size, D, M->kv_int8);
-            store_kv_row(vc + hh * region, v + (long)hh * D, offset, M->block_size, D, M->kv_int8);
+            fabrik_store_kv_row(kc + hh * region, k + (long)hh * D, offset, M->block_size, D, M->kv_int8);
+            fabrik_store_kv_row(vc + hh * region, v + (long)hh * D, offset, M->block_size, D, M->kv_int8);
         }
     }
     /* Work items are (tile of tokens, KV head); causal prefill items differ in length, hence dynamic scheduling. */
