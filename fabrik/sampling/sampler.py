@@ -30,7 +30,7 @@ ones), in a canonical order that depends only on the row.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,15 +66,25 @@ class SamplerOutput:
     """Per row: the sampled token's logprob and top alternatives when params.logprobs is set, else None."""
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(N,) index of each row's largest logit (the lowest on ties), -1 for a row holding NaN."""
+    best, index = logits.max(dim=-1)  # NaN wins max, so a NaN row shows in best
+    return index.masked_fill(torch.isnan(best), -1)
+
+
 class Sampler:
     """Turns a batch of logits into one token per row, following each row's SamplingParams.
 
     Args:
         eos_token_ids: the model's end-of-sequence ids, masked while a row has fewer than min_tokens outputs.
+        argmax: (N, V) logits -> (N,) index of each row's maximum, -1 for a NaN row: the greedy fast path (a kernel
+            backend's; default torch's max).
     """
 
-    def __init__(self, eos_token_ids: Sequence[int]):
+    def __init__(self, eos_token_ids: Sequence[int],
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.eos_token_ids = tuple(int(token_id) for token_id in eos_token_ids)
+        self._argmax = argmax or _argmax
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """Samples one token per row.
@@ -96,10 +106,10 @@ class Sampler:
         logits = logits.float()
         if all(row.params.is_greedy and row.params.logprobs is None and not self._modifies(row) for row in rows):
             # The common decode step: one pass over (N, V) (a separate NaN scan costs as much as the argmax).
-            best, token_ids = logits.max(dim=-1)  # NaN wins max, so a NaN row shows in best
-            if torch.isnan(best).any():
-                raise ValueError(f"logits contain NaN in rows {torch.isnan(best).nonzero()[:, 0].tolist()}")
-            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * len(rows))
+            token_ids = self._argmax(logits).tolist()
+            if -1 in token_ids:
+                raise ValueError(f"logits contain NaN in rows {[i for i, t in enumerate(token_ids) if t == -1]}")
+            return SamplerOutput(token_ids=token_ids, logprobs=[None] * len(rows))
         if torch.isnan(logits).any():
             bad_rows = torch.isnan(logits).any(dim=-1).nonzero()[:, 0].tolist()
             raise ValueError(f"logits contain NaN in rows {bad_rows}")
