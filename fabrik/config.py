@@ -26,6 +26,10 @@ def parse_bytes(value: str | int) -> int:
     return size
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+"""Kinds of KV cache rows: auto (the model's dtype) or int8 (fabrik/models/kv_int8.py)."""
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """How the paged KV cache is laid out and how much memory it may take."""
@@ -100,8 +104,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.quantization not in (None, "int8", "int4", "int4-g64", "int4-g128"):
             raise ValueError(f"quantization must be None, int8, int4, int4-g64 or int4-g128, got {self.quantization!r}")
-        if self.kv_cache_dtype not in ("auto", "int8"):
-            raise ValueError(f"kv_cache_dtype must be auto or int8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kernels not in (None, "auto", "native", "native-avx512", "native-avx2", "torch"):
             raise ValueError(f"kernels must be auto, native, native-avx512, native-avx2 or torch, got {self.kernels!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):

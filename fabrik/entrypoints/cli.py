@@ -20,7 +20,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quantization", default=None, choices=["int8", "int4", "int4-g64", "int4-g128"],
                         help="quantize the weights at load (groups of 32 unless -g64 / -g128; int4 keeps an int8 LM head)")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+    from fabrik.config import KV_CACHE_DTYPES
+
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                         help="KV cache rows: the model's dtype (auto) or int8 with one scale per token and head")
     parser.add_argument("--kernels", default=None,
                         choices=["auto", "native", "native-avx512", "native-avx2", "torch"],

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fabrik.config import KV_CACHE_DTYPES
 from fabrik.model_config import ModelConfig
 from fabrik.models import kv_int8
 
@@ -60,8 +61,8 @@ def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tup
 def make_kv_caches(config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                    kv_cache_dtype: str = "auto") -> list[torch.Tensor]:
     """One zeroed cache per layer: ``dtype`` rows of ``kv_cache_shape``, or the int8 layout of kv_int8.py."""
-    if kv_cache_dtype not in kv_int8.KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {kv_int8.KV_CACHE_DTYPES}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}")
     if kv_cache_dtype == "int8":
         shape, dtype = kv_int8.int8_kv_shape(num_blocks, config.num_key_value_heads, block_size, config.head_dim), \
             torch.int8

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fabrik.config import KV_CACHE_DTYPES
 from fabrik.model_config import ModelConfig
 from fabrik.models.attention import AttentionMetadata, paged_attention
 from fabrik.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
@@ -107,7 +108,7 @@ class DecoderForCausalLM(nn.Module):
     ``model.embed_tokens.weight``, so the state_dict has exactly the keys a tied checkpoint stores.
     """
 
-    kv_cache_dtypes = ("auto", "int8")
+    kv_cache_dtypes = KV_CACHE_DTYPES
     """KV cache kinds its attention reads (``paged_attention`` and the native forward handle both)."""
 
     def __init__(self, config: ModelConfig, options: DecoderOptions) -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8")
-"""auto: the model's dtype; int8: this module's layout."""
 
 SCALE_BYTES = 4  # one float32 per row
 
