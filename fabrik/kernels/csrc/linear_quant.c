@@ -29,7 +29,7 @@ typedef struct {
 
 /* Quantizes group g (of xg values) of row m of x: scale = absmax / 127, q = round-half-even(x * (127 / absmax)). */
 static void quantize_group(const void *x, int flags, int m, int g, int xg, int K, int Kp, quant_x *qx) {
-    float v[128], amax = 0.0f;
+    float v[128], amax = 0.0f; /* xg <= 128: the largest int4 group */
     for (int j = 0; j < xg; j++) {
         int k = g * xg + j;
         v[j] = k < K ? load_x(x, flags, (long)m * K + k) : 0.0f;
