@@ -24,11 +24,12 @@
 typedef struct {
     int8_t *q;     /* (M, Kp) quantized x */
     float *scale;  /* (M, Kp / 32) */
-    int32_t *corr; /* (M, Kp / 32): 128 * sum of q over the group (removes the +128 of the weights) */
+    int32_t *corr; /* (M, Kp / 32): zero point (128 or 8) * sum of q over the 32: removes the weights' + zero */
 } quant_x;
 
-/* Quantizes group g (of xg values) of row m of x: scale = absmax / 127, q = round-half-even(x * (127 / absmax)). */
-static void quantize_group(const void *x, int flags, int m, int g, int xg, int K, int Kp, quant_x *qx) {
+/* Quantizes group g (of xg values) of row m of x: scale = absmax / 127, q = round-half-even(x * (127 / absmax)).
+ * zp: the weights' zero point, premultiplied into corr so that the kernels subtract it as a broadcast operand. */
+static void quantize_group(const void *x, int flags, int m, int g, int xg, int K, int Kp, int zp, quant_x *qx) {
     float v[128], amax = 0.0f; /* xg <= 128: the largest int4 group */
     for (int j = 0; j < xg; j++) {
         int k = g * xg + j;
@@ -47,7 +48,7 @@ static void quantize_group(const void *x, int flags, int m, int g, int xg, int K
         }
         long e = (long)m * (Kp / GROUP) + g * (xg / GROUP) + s;
         qx->scale[e] = amax / 127.0f;
-        qx->corr[e] = 128 * sum;
+        qx->corr[e] = zp * sum;
     }
 }
 
@@ -57,7 +58,7 @@ T512 static inline __m512 bf16x16_avx512(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-T512 static void quantize_row_avx512(const void *x, int flags, int m, int xg, int K, int Kp, quant_x *qx) {
+T512 static void quantize_row_avx512(const void *x, int flags, int m, int xg, int K, int Kp, int zp, quant_x *qx) {
     int G = Kp / GROUP, whole = (flags & X_BF16) ? K / xg : 0;
     const uint16_t *xr = (const uint16_t *)x + (long)m * K;
     for (int g = 0; g < whole; g++) {
@@ -74,20 +75,20 @@ T512 static void quantize_row_avx512(const void *x, int flags, int m, int xg, in
             _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
             long e = (long)m * G + (long)g * (xg / GROUP) + s;
             qx->scale[e] = amax / 127.0f;
-            qx->corr[e] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            qx->corr[e] = zp * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         }
     }
-    for (int g = whole; g < Kp / xg; g++) quantize_group(x, flags, m, g, xg, K, Kp, qx);
+    for (int g = whole; g < Kp / xg; g++) quantize_group(x, flags, m, g, xg, K, Kp, zp, qx);
 }
 
 /* Quantizes every row of x in groups of xg values, over the threads when there are enough rows. */
-static void quantize_x(const fabrik_linear *L, const void *x, int flags, int M, int xg, quant_x *qx) {
+static void quantize_x(const fabrik_linear *L, const void *x, int flags, int M, int xg, int zp, quant_x *qx) {
 #pragma omp parallel for num_threads(L->nthreads) if (M >= 8) schedule(static)
     for (int m = 0; m < M; m++) {
         if (L->isa == ISA_AVX512)
-            quantize_row_avx512(x, flags, m, xg, L->k, L->kp, qx);
+            quantize_row_avx512(x, flags, m, xg, L->k, L->kp, zp, qx);
         else
-            for (int g = 0; g < L->kp / xg; g++) quantize_group(x, flags, m, g, xg, L->k, L->kp, qx);
+            for (int g = 0; g < L->kp / xg; g++) quantize_group(x, flags, m, g, xg, L->k, L->kp, zp, qx);
     }
 }
 
@@ -98,8 +99,8 @@ INLINE512 __m512i dpbusd_bcast(__m512i acc, __m512i w, const i32_alias *x) {
     return acc;
 }
 
-/* BITS 8 or 4 (a constant after inlining): the two formats differ only in how a unit's lines are loaded, where its
- * scales sit, and the zero point removed (128 or 8 times the group's sum of x_q; corr holds the 128 one). */
+/* BITS 8 or 4 (a constant after inlining): the two formats differ only in how a unit's lines are loaded and where
+ * its scales sit (corr holds the zero point, 128 or 8, times the group's sum of x_q). */
 /* Where a block's 64-K unit s keeps its data and its scales, for BITS and GS (weights per scale) constants:
  * units of GS = 128 pair up behind one line of 16 scales; GS = 64 has one line per unit; GS = 32 two lines. */
 #define UNIT_DATA(BITS) ((BITS) == 8 ? UNIT_BYTES - 64 : UNIT_BYTES4 - 64)
@@ -157,15 +158,13 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
         for (int i = 0; i < MT; i++) {
             long gi = (long)(m0 + i) * G + 2 * s;
             if (GS == 32) {
-                int c0 = BITS == 8 ? qx->corr[gi] : qx->corr[gi] / 16;
-                int c1 = BITS == 8 ? qx->corr[gi + 1] : qx->corr[gi + 1] / 16;
-                __m512 d0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a0[i], _mm512_set1_epi32(c0)));
-                __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a1[i], _mm512_set1_epi32(c1)));
+                __m512 d0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a0[i], _mm512_set1_epi32(qx->corr[gi])));
+                __m512 d1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(a1[i], _mm512_set1_epi32(qx->corr[gi + 1])));
                 facc[i] = _mm512_fmadd_ps(d0, _mm512_mul_ps(sc0, _mm512_set1_ps(qx->scale[gi])), facc[i]);
                 facc[i] = _mm512_fmadd_ps(d1, _mm512_mul_ps(sc1, _mm512_set1_ps(qx->scale[gi + 1])), facc[i]);
             } else { /* one weight scale and one x scale over the group (int4 only): its sums add exactly first */
                 int corr = 0;
-                for (long e = gi + 2 - GS / GROUP; e < gi + 2; e++) corr += qx->corr[e] / 16;
+                for (long e = gi + 2 - GS / GROUP; e < gi + 2; e++) corr += qx->corr[e];
                 __m512i a = _mm512_sub_epi32(_mm512_add_epi32(a0[i], a1[i]), _mm512_set1_epi32(corr));
                 facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sc0, _mm512_set1_ps(qx->scale[gi])),
                                           facc[i]);
@@ -255,7 +254,7 @@ INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const
 #pragma GCC unroll 2
             for (int i = 0; i < MT; i++) {
                 long gi = (long)(m0 + i) * G + 2 * s + g;
-                __m256i corr = _mm256_set1_epi32(BITS == 8 ? qx->corr[gi] : qx->corr[gi] / 16);
+                __m256i corr = _mm256_set1_epi32(qx->corr[gi]);
                 __m256 xs = _mm256_set1_ps(qx->scale[gi]);
                 __m256 d_lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][0], acc[i][1]), corr));
                 __m256 d_hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][2], acc[i][3]), corr));
@@ -309,7 +308,7 @@ static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out,
     if (!qx.q || !qx.scale || !qx.corr) {
         rc = -1;
     } else {
-        quantize_x(L, x, flags, M, bits == 8 ? GROUP : L->group, &qx); /* the weights' group */
+        quantize_x(L, x, flags, M, bits == 8 ? GROUP : L->group, bits == 8 ? 128 : 8, &qx); /* the weights' group */
         int avx512 = L->isa == ISA_AVX512;
         quant_run run = bits == 8          ? (avx512 ? int8_run_avx512 : int8_run_avx2)
                         : L->group == 128 ? (avx512 ? int4g128_run_avx512 : int4g128_run_avx2)
