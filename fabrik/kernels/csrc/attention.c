@@ -13,7 +13,9 @@
 #include "fabrik.h"
 
 #define LANES 16     /* fp32 partial sums of the portable path */
-#define KEY_CHUNK 32 /* keys scored at a time between softmax rescales */
+/* Keys scored at a time between softmax rescales: one vector of scores, and the prefill tiles' chunk, so that a token
+ * attended here or in a tile meets the same rescales (chunked prefill == one shot, token for token). */
+#define KEY_CHUNK 16
 
 /* Row `off` of a region as floats: bf16 values, or int8 values times the row's scale. */
 static inline void row_to_f32(const attn_item *it, const char *region, int off, float *dst) {
@@ -48,7 +50,7 @@ static inline float dot_f32(const float *q, const float *k, int D) {
 /* AVX-512 path, instantiated for constant G (query heads per KV head) and D (head_dim) so that every accumulator
  * indexes with constants and stays in a register:
  *   scores: vdpbf16ps, 4 keys at a time (independent chains), exact bf16 products summed in fp32;
- *   softmax: 32 keys per chunk, running max and sum per head, exp on 16 lanes;
+ *   softmax: 16 keys per chunk, running max and sum per head, exp on 16 lanes;
  *   P V:    vdpbf16ps over pairs of keys: the two V rows are interleaved (unpack lo/hi) and the softmax weights
  *           enter as bf16 pairs, as torch's flash attention feeds them to its bf16 GEMM; sums stay fp32.
  * The running outputs are kept in the unpacked order (per 32 d: lanes of d 0-3, 8-11, 16-19, 24-27, then 4-7, ...),
@@ -97,14 +99,12 @@ static inline __attribute__((always_inline)) void attend_avx512_fixed(const attn
                     for (int g = 0; g < G; g++) sc[g][(i + j) & (KEY_CHUNK - 1)] = _mm512_reduce_add_ps(a[j][g]);
             }
             __mmask16 k0 = cn >= 16 ? 0xffff : (__mmask16)((1u << cn) - 1u);
-            __mmask16 k1 = cn <= 16 ? 0 : cn >= 32 ? 0xffff : (__mmask16)((1u << (cn - 16)) - 1u);
-            uint32_t pp[G][KEY_CHUNK / 2] __attribute__((aligned(64)));
+            uint32_t pp[G][KEY_CHUNK / 2] __attribute__((aligned(32)));
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++) {
                 __m512 scale = _mm512_set1_ps(it->scale), ninf = _mm512_set1_ps(-INFINITY);
                 __m512 s0 = _mm512_mask_mul_ps(ninf, k0, _mm512_load_ps(sc[g]), scale);
-                __m512 s1 = _mm512_mask_mul_ps(ninf, k1, _mm512_load_ps(sc[g] + 16), scale);
-                float mx = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
+                float mx = _mm512_reduce_max_ps(s0);
                 if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
                     float r = fexp(m[g] - mx);
                     __m512 rv = _mm512_set1_ps(r);
@@ -115,9 +115,8 @@ static inline __attribute__((always_inline)) void attend_avx512_fixed(const attn
                 }
                 __m512 mv = _mm512_set1_ps(m[g]);
                 __m512 p0 = _mm512_maskz_mov_ps(k0, exp512(_mm512_sub_ps(s0, mv)));
-                __m512 p1 = _mm512_maskz_mov_ps(k1, exp512(_mm512_sub_ps(s1, mv)));
-                l[g] += _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-                _mm512_store_si512(pp[g], (__m512i)_mm512_cvtne2ps_pbh(p1, p0)); /* bf16 of keys 0..31 in order */
+                l[g] += _mm512_reduce_add_ps(p0);
+                _mm256_store_si256((__m256i *)pp[g], (__m256i)_mm512_cvtneps_pbh(p0)); /* bf16 of keys 0..15 */
             }
             for (int i = 0; i < cn; i += 2) {
                 const uint16_t *v0 = V + (long)(c0 + i) * D;
