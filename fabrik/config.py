@@ -34,7 +34,7 @@ KV_CACHE_DTYPES = ("auto", "int8")
 class CacheConfig:
     """How the paged KV cache is laid out and how much memory it may take."""
 
-    block_size: int = 16
+    block_size: int = 64
     """Tokens per KV block."""
     kv_cache_memory_bytes: int = 2 * 2**30
     """Memory budget of the KV cache, in bytes; the number of blocks follows from it."""
@@ -84,8 +84,9 @@ class EngineConfig:
     """Most requests running at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one engine step."""
-    block_size: int = 16
-    """Tokens per KV block."""
+    block_size: int = 64
+    """Tokens per KV block (64: a KV head's rows of a block are 16 KiB in one run; 16 made decode attention 8-17%
+    slower on CPUs, see docs/kernels.md)."""
     kv_cache_memory_bytes: int | None = None
     """KV cache budget in bytes; default: enough for max_num_seqs full-length sequences, at most 2 GiB."""
     enable_prefix_caching: bool = True

@@ -125,7 +125,7 @@ def test_preempted_and_recomputed_equals_uninterrupted(qwen3_ckpt):
     prompts = [{"prompt_token_ids": p} for p in random_prompts([30, 12, 45, 7, 20, 33], seed=5)]
     ample = LLM(str(qwen3_ckpt), dtype="float32", kv_cache_memory_bytes=8 * 2**20)
     expected = token_ids(ample.generate(prompts, greedy(40)))
-    per_block = ample.engine.block_manager.block_size * 2 * 2 * 2 * 16 * 4  # tokens * K,V * layers * kv heads * dim * fp32
+    per_block = 16 * 2 * 2 * 2 * 16 * 4  # tokens * K,V * layers * kv heads * dim * fp32, blocks of 16
     tight = LLM(str(qwen3_ckpt), dtype="float32", kv_cache_memory_bytes=8 * per_block, block_size=16)
     assert tight.engine.num_blocks == 8
     assert token_ids(tight.generate(prompts, greedy(40))) == expected

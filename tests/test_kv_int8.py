@@ -80,10 +80,11 @@ def test_int8_cache_holds_twice_the_tokens(qwen3_ckpt):
     engines = {kv: LLM(str(qwen3_ckpt), dtype="bfloat16", kv_cache_memory_bytes=budget, kv_cache_dtype=kv).engine
                for kv in ("auto", "int8")}
     blocks = {kv: e.num_blocks for kv, e in engines.items()}
-    assert blocks["int8"] == budget // (16 * kv_bytes_per_token(config, torch.bfloat16, "int8"))
+    bs = engines["int8"].block_manager.block_size
+    assert blocks["int8"] == budget // (bs * kv_bytes_per_token(config, torch.bfloat16, "int8"))
     assert blocks["int8"] > 1.5 * blocks["auto"]
     cache = engines["int8"].runner.kv_caches[0]
-    assert cache.dtype == torch.int8 and cache.numel() == blocks["int8"] * 16 * kv_bytes_per_token(
+    assert cache.dtype == torch.int8 and cache.numel() == blocks["int8"] * bs * kv_bytes_per_token(
         config, torch.bfloat16, "int8") // config.num_hidden_layers
 
 
