@@ -4,8 +4,8 @@ Three measurements, for the bf16 and the int8 KV cache, each against a plain rea
 what the memory gives:
 
   decode   one new token per sequence: B sequences x `--ctx` cached keys x 28 layers x 8 KV heads (G = 2, head_dim
-           128, block 16, blocks shuffled), each layer with its own cache so that K/V come from DRAM as in a real
-           step; ns per (key, KV head) and GB/s of K/V, with 2 threads as the native forward runs it.
+           128, blocks of 64 as the engine's default, shuffled), each layer with its own cache so that K/V come from
+           DRAM as in a real step; ns per (key, KV head) and GB/s of K/V, with 2 threads as the native forward runs it.
   stream   the same K/V rows read through the same block tables with the same prefetching and no math: the limit of
            the access pattern.
   tile     a 16-token prefill tile against the decode kernel run token by token on the same L2-resident work (one
@@ -38,7 +38,7 @@ _DRIVER = r"""
 #include "attention.h"
 #include "fabrik.h"
 
-enum { L = 28, H = 8, G = 2, D = 128, BS = 16, PREFETCH = 24 };
+enum { L = 28, H = 8, G = 2, D = 128, BS = 64, PREFETCH = 24 };
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 
 /* The decode kernel's access pattern without its math: K and V rows through the block table, same prefetching. */
