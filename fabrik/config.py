@@ -85,8 +85,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     """Token budget of one engine step."""
     block_size: int = 64
-    """Tokens per KV block (64: a KV head's rows of a block are 16 KiB in one run; 16 made decode attention 8-17%
-    slower on CPUs, see docs/kernels.md)."""
+    """Tokens per KV block (64: one KV head's rows of a block are a 16 KiB run; blocks of 16 made decode attention
+    12-18% slower here, docs/kernels.md)."""
     kv_cache_memory_bytes: int | None = None
     """KV cache budget in bytes; default: enough for max_num_seqs full-length sequences, at most 2 GiB."""
     enable_prefix_caching: bool = True
