@@ -8,21 +8,21 @@ from typing import Sequence
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every subcommand that starts an engine."""
+    """Options shared by every subcommand that starts an engine (defaults: EngineConfig's)."""
     from fabrik.config import KV_CACHE_DTYPES, EngineConfig
 
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--dtype", default=EngineConfig.dtype, choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--revision", default=None, help="hub revision when the model is a hub id")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
     parser.add_argument("--block-size", type=int, default=EngineConfig.block_size)
     parser.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 4GiB or 512MB")
     parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=EngineConfig.seed)
     parser.add_argument("--quantization", default=None, choices=["int8", "int4", "int4-g64", "int4-g128"],
                         help="quantize the weights at load (groups of 32 unless -g64 / -g128; int4 keeps an int8 LM head)")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+    parser.add_argument("--kv-cache-dtype", default=EngineConfig.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                         help="KV cache rows: the model's dtype (auto) or int8 with one scale per token and head")
     parser.add_argument("--kernels", default=None,
                         choices=["auto", "native", "native-avx512", "native-avx2", "torch"],

@@ -1,6 +1,7 @@
 /* Per-row operations of the native forward (rowops.h): a portable path and, for lengths that are multiples of 16,
  * an AVX-512 one doing the same operations with the same roundings on 16 lanes (only the order of the RMSNorm sum
- * differs), and the int8 KV cache's row quantization. In a 512-token prefill the portable loops were ~7% of the forward. */
+ * differs), and the KV cache's row writes (int8: quantized). In a 512-token prefill the portable loops were ~7% of
+ * the forward. */
 #include <math.h>
 
 #include "fabrik.h"
