@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -14,7 +16,8 @@ from fabrik.outputs import SequenceUpdate
 from fabrik.sampling.params import SamplingParams
 from fabrik.server.common import ServerContext
 from fabrik.server.config import ModelInfo, ServerConfig
-from fabrik.server.engine_client import EngineClient, EngineDeadError, EngineError, QueueFullError, RequestAborted
+from fabrik.server.engine_client import (EngineClient, EngineDeadError, EngineError, QueueFullError, RequestAborted,
+                                         build_in_passing_thread)
 from fabrik.server.errors import _format_path, _path_of_loc, param_of_message
 from fabrik.server.metrics import Histogram, ServerMetrics
 
@@ -227,3 +230,31 @@ def test_capacity_counts_requests_that_have_not_started():
         assert client.metrics.requests_rejected == 1
 
     run_with_client(scenario, max_waiting=2)
+
+
+def test_engine_is_built_in_a_thread_that_ends():
+    seen = []
+    result = build_in_passing_thread(lambda: seen.append(threading.current_thread()) or "engine")
+    assert result == "engine" and seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(ValueError, match="bad model"):
+        build_in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad model")))
+
+
+def test_the_build_threads_openmp_workers_end_with_it():
+    """The loader's OpenMP pool must not outlive it (a second pool makes libgomp's workers sleep at every region)."""
+    torch = pytest.importorskip("torch")
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: no OpenMP workers to leak")
+    before = len(os.listdir("/proc/self/task"))
+    during = []
+
+    def build():
+        torch.ones(1 << 22).exp_().sum()  # large enough for torch's parallel_for: opens this thread's pool
+        during.append(len(os.listdir("/proc/self/task")))
+
+    build_in_passing_thread(build)
+    assert during[0] > before  # the loader and its worker(s) ran beside us
+    deadline = time.monotonic() + 10
+    while len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(os.listdir("/proc/self/task")) == before
