@@ -29,6 +29,12 @@ def parse_bytes(value: str | int) -> int:
 KV_CACHE_DTYPES = ("auto", "int8")
 """Kinds of KV cache rows: auto (the model's dtype) or int8 (fabrik/models/kv_int8.py)."""
 
+QUANTIZATIONS = ("int8", "int4", "int4-g64", "int4-g128")
+"""Weight formats made at load (fabrik/kernels/linear.py): int8, int4 in groups of 32, 64 or 128."""
+
+KERNEL_BACKENDS = ("auto", "native", "native-avx512", "native-avx2", "torch")
+"""Kernel backends (fabrik/kernels): auto picks the best native kernels the CPU runs, else torch."""
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -103,12 +109,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.quantization not in (None, "int8", "int4", "int4-g64", "int4-g128"):
-            raise ValueError(f"quantization must be None, int8, int4, int4-g64 or int4-g128, got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.kernels not in (None, "auto", "native", "native-avx512", "native-avx2", "torch"):
-            raise ValueError(f"kernels must be auto, native, native-avx512, native-avx2 or torch, got {self.kernels!r}")
+        if self.kernels is not None and self.kernels not in KERNEL_BACKENDS:
+            raise ValueError(f"kernels must be None or one of {KERNEL_BACKENDS}, got {self.kernels!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len ({self.max_model_len!r}) must be an int >= 2")
         if self.kv_cache_memory_bytes is not None:

@@ -313,12 +313,18 @@ def test_release_mapped_pages_keeps_values_and_spares_ordinary_memory(tmp_path):
 
 
 def test_engine_config_names_a_bad_quantization():
-    from fabrik.config import EngineConfig
+    from fabrik.config import KERNEL_BACKENDS, QUANTIZATIONS, EngineConfig
+    from fabrik.kernels import BACKEND_NAMES
+    from fabrik.kernels.linear import FORMATS
 
-    for name in ("int8", "int4", "int4-g64", "int4-g128"):
+    assert QUANTIZATIONS == ("int8", "int4", "int4-g64", "int4-g128") and set(QUANTIZATIONS) <= set(FORMATS)
+    for name in QUANTIZATIONS:
         assert EngineConfig(model="m", quantization=name).quantization == name
     with pytest.raises(ValueError, match="'int4-g32'"):
         EngineConfig(model="m", quantization="int4-g32")
+    assert BACKEND_NAMES == KERNEL_BACKENDS and "torch" in KERNEL_BACKENDS
+    with pytest.raises(ValueError, match="'cuda'"):
+        EngineConfig(model="m", kernels="cuda")
 
 
 @pytest.mark.parametrize("width", [1, 15, 16, 17, 1000, 151936])

@@ -9,7 +9,7 @@ from typing import Sequence
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every subcommand that starts an engine (defaults: EngineConfig's)."""
-    from fabrik.config import KV_CACHE_DTYPES, EngineConfig
+    from fabrik.config import KERNEL_BACKENDS, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 
     parser.add_argument("--dtype", default=EngineConfig.dtype, choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--revision", default=None, help="hub revision when the model is a hub id")
@@ -20,12 +20,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None, help="KV cache budget, e.g. 4GiB or 512MB")
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--seed", type=int, default=EngineConfig.seed)
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4", "int4-g64", "int4-g128"],
+    parser.add_argument("--quantization", default=None, choices=list(QUANTIZATIONS),
                         help="quantize the weights at load (groups of 32 unless -g64 / -g128; int4 keeps an int8 LM head)")
     parser.add_argument("--kv-cache-dtype", default=EngineConfig.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
                         help="KV cache rows: the model's dtype (auto) or int8 with one scale per token and head")
-    parser.add_argument("--kernels", default=None,
-                        choices=["auto", "native", "native-avx512", "native-avx2", "torch"],
+    parser.add_argument("--kernels", default=None, choices=list(KERNEL_BACKENDS),
                         help="kernel backend (default: $FABRIK_KERNELS, else auto)")
 
 

@@ -22,13 +22,15 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from fabrik.config import KERNEL_BACKENDS
+from fabrik.config import QUANTIZATIONS as WEIGHT_FORMATS
 from fabrik.kernels.memory import release_mapped_pages
 from fabrik.kernels.native import ISA_AVX2, ISA_AVX512, KernelBuildError, best_isa, cpu_flags, load_library
 
 logger = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("auto", "native", "native-avx512", "native-avx2", "torch")
-QUANTIZATIONS = (None, "int8", "int4", "int4-g64", "int4-g128")
+BACKEND_NAMES = KERNEL_BACKENDS
+QUANTIZATIONS = (None, *WEIGHT_FORMATS)
 ENV_VAR = "FABRIK_KERNELS"
 
 
