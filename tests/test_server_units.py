@@ -263,3 +263,29 @@ def test_the_build_threads_openmp_workers_end_with_it():
     while len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(os.listdir("/proc/self/task")) == before
+
+
+def test_serve_builds_its_engine_off_the_main_thread(monkeypatch):
+    """`fabrik serve` must not load the model on the thread that goes on to run the event loop."""
+    import argparse
+
+    import uvicorn
+
+    import fabrik.engine.llm_engine as llm_engine
+    import fabrik.server.app as app
+    from fabrik.server.cli import add_serve_parser
+
+    built_on = []
+
+    class RecordingEngine:
+        def __init__(self, config):
+            built_on.append(threading.current_thread())
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", RecordingEngine)
+    monkeypatch.setattr(app, "build_app", lambda engine, config: None)
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "some/model", "--port", "1"])
+    assert args.func(args) == 0
+    assert built_on and built_on[0] is not threading.current_thread() and not built_on[0].is_alive()

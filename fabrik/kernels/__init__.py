@@ -22,15 +22,14 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from fabrik.config import KERNEL_BACKENDS
-from fabrik.config import QUANTIZATIONS as WEIGHT_FORMATS
+from fabrik import config
 from fabrik.kernels.memory import release_mapped_pages
 from fabrik.kernels.native import ISA_AVX2, ISA_AVX512, KernelBuildError, best_isa, cpu_flags, load_library
 
 logger = logging.getLogger(__name__)
 
-BACKEND_NAMES = KERNEL_BACKENDS
-QUANTIZATIONS = (None, *WEIGHT_FORMATS)
+BACKEND_NAMES = config.KERNEL_BACKENDS
+QUANTIZATIONS = (None, *config.QUANTIZATIONS)  # None: keep the checkpoint's weights
 ENV_VAR = "FABRIK_KERNELS"
 
 
