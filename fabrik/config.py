@@ -26,6 +26,9 @@ def parse_bytes(value: str | int) -> int:
     return size
 
 
+DTYPES = ("auto", "float32", "bfloat16")
+"""Weight and activation dtypes: auto keeps the checkpoint's (float16 runs in bfloat16, fabrik/loader.py)."""
+
 KV_CACHE_DTYPES = ("auto", "int8")
 """Kinds of KV cache rows: auto (the model's dtype) or int8 (fabrik/models/kv_int8.py)."""
 
@@ -107,8 +110,8 @@ class EngineConfig:
     """Kernel backend: auto, native, native-avx512, native-avx2 or torch; None reads $FABRIK_KERNELS (default auto)."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

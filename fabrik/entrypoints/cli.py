@@ -9,9 +9,9 @@ from typing import Sequence
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every subcommand that starts an engine (defaults: EngineConfig's)."""
-    from fabrik.config import KERNEL_BACKENDS, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
+    from fabrik.config import DTYPES, KERNEL_BACKENDS, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig
 
-    parser.add_argument("--dtype", default=EngineConfig.dtype, choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--dtype", default=EngineConfig.dtype, choices=list(DTYPES))
     parser.add_argument("--revision", default=None, help="hub revision when the model is a hub id")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
