@@ -5,7 +5,9 @@ what the memory gives:
 
   decode   one new token per sequence: B sequences x `--ctx` cached keys x 28 layers x 8 KV heads (G = 2, head_dim
            128, blocks of 64 as the engine's default, shuffled), each layer with its own cache so that K/V come from
-           DRAM as in a real step; ns per (key, KV head) and GB/s of K/V, with 2 threads as the native forward runs it.
+           DRAM as in a real step; ns per (key, KV head) and GB/s of K/V, with 2 threads, the work split as the native
+           forward splits it (each thread one run of (sequence, KV head) pairs, a sequence's heads in one item), and
+           split as before stop 13 (one item per (sequence, KV head), dynamically scheduled).
   stream   the same K/V rows read through the same block tables with the same prefetching and no math: the limit of
            the access pattern.
   tile     a 16-token prefill tile against the decode kernel run token by token on the same L2-resident work (one
@@ -93,28 +95,45 @@ static void decode(int B, int ctx, int repeats, int int8) {
     for (long i = blocks - 1; i > 0; i--) { long j = rand() % (i + 1); int64_t t = table[i]; table[i] = table[j]; table[j] = t; }
     uint16_t *q = malloc((size_t)B * H * G * D * 2), *out = malloc((size_t)B * H * G * D * 2);
     for (long i = 0; i < (long)B * H * G * D; i++) q[i] = rnd_bf16();
-    double bytes = (double)L * B * H * ctx * 2 * (int8 ? D + 4 : 2 * D), best[2] = {1e9, 1e9};
+    double bytes = (double)L * B * H * ctx * 2 * (int8 ? D + 4 : 2 * D), best[3] = {1e9, 1e9, 1e9};
     for (int r = 0; r < repeats; r++)
-        for (int variant = 0; variant < 2; variant++) { /* interleaved: kernel, then stream */
+        for (int variant = 0; variant < 3; variant++) { /* interleaved: engine's items, one head per item, stream */
             double t = now();
             for (int l = 0; l < L; l++) {
+                if (variant == 0) { /* as the native forward: the (sequence, head) pairs in two even runs */
+#pragma omp parallel num_threads(2)
+                    {
+                        int me = omp_get_thread_num(), nt = omp_get_num_threads();
+                        int lo = B * H * me / nt, hi = B * H * (me + 1) / nt;
+                        for (int pair = lo; pair < hi;) {
+                            int s = pair / H, h = pair % H, nh = H - h < hi - pair ? H - h : hi - pair;
+                            attn_item it = {.q = q + (long)pair * G * D, .out = out + (long)pair * G * D,
+                                            .k0 = cache[l] + h * region, .table = table + (long)s * nb,
+                                            .block_stride = stride, .v_offset = blocks * stride, .n_keys = ctx,
+                                            .G = G, .D = D, .bs = BS, .int8 = int8, .scale = 0.088f, .n_heads = nh};
+                            fabrik_attend(&it);
+                            pair += nh;
+                        }
+                    }
+                    continue;
+                }
 #pragma omp parallel for num_threads(2) schedule(dynamic, 1)
                 for (int item = 0; item < B * H; item++) {
                     int s = item / H, h = item % H;
                     attn_item it = {.q = q + (long)item * G * D, .out = out + (long)item * G * D,
                                     .k0 = cache[l] + h * region, .table = table + (long)s * nb,
                                     .block_stride = stride, .v_offset = blocks * stride, .n_keys = ctx, .G = G,
-                                    .D = D, .bs = BS, .int8 = int8, .scale = 0.088f};
-                    if (variant == 0) fabrik_attend(&it); else stream_item(&it);
+                                    .D = D, .bs = BS, .int8 = int8, .scale = 0.088f, .n_heads = 1};
+                    if (variant == 1) fabrik_attend(&it); else stream_item(&it);
                 }
             }
             t = now() - t;
             if (t < best[variant]) best[variant] = t;
         }
     printf("decode %s B=%-3d ctx=%d: %7.2f ms per step, %5.1f GB/s, %5.1f ns per (key, KV head) per thread | "
-           "stream only: %7.2f ms, %5.1f GB/s\n", int8 ? "int8" : "bf16", B, ctx, best[0] * 1e3,
-           bytes / best[0] / 1e9, best[0] * 1e9 * 2 / ((double)L * B * H * ctx), best[1] * 1e3,
-           bytes / best[1] / 1e9);
+           "one head per item: %7.2f ms, %5.1f GB/s | stream only: %7.2f ms, %5.1f GB/s\n", int8 ? "int8" : "bf16", B,
+           ctx, best[0] * 1e3, bytes / best[0] / 1e9, best[0] * 1e9 * 2 / ((double)L * B * H * ctx), best[1] * 1e3,
+           bytes / best[1] / 1e9, best[2] * 1e3, bytes / best[2] / 1e9);
     for (int l = 0; l < L; l++) free(cache[l]);
     free(table), free(q), free(out);
 }
@@ -130,7 +149,7 @@ static void tile(int ctx, int repeats, int int8) {
     for (int i = 0; i < nb; i++) table[i] = i;
     attn_tile tl = {.item = {.q = q, .out = o, .k0 = cache, .table = table, .block_stride = region,
                              .v_offset = nb * region, .n_keys = ctx, .G = G, .D = D, .bs = BS, .int8 = int8,
-                             .scale = 0.088f},
+                             .scale = 0.088f, .n_heads = 1},
                     .q_stride = G * D, .out_stride = G * D, .n_q = nq};
     int calls = 200;
     double best[2] = {1e9, 1e9};

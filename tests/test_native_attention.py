@@ -20,7 +20,8 @@ class _Item(ctypes.Structure):
 
     _fields_ = [("q", ctypes.c_void_p), ("out", ctypes.c_void_p), ("k0", ctypes.c_void_p), ("table", ctypes.c_void_p),
                 ("block_stride", ctypes.c_long), ("v_offset", ctypes.c_long)] + \
-        [(name, ctypes.c_int) for name in ("n_keys", "G", "D", "bs", "int8")] + [("scale", ctypes.c_float)]
+        [(name, ctypes.c_int) for name in ("n_keys", "G", "D", "bs", "int8")] + [("scale", ctypes.c_float),
+                                                                                 ("n_heads", ctypes.c_int)]
 
 
 class _Tile(ctypes.Structure):
@@ -59,11 +60,11 @@ def _cache(kv: str, g: int, d: int, n: int, seed: int):
     return cache, table, rows[0], rows[1]
 
 
-def _item(cache, table, kv, q, out, g, d, n_keys, head, scale):
+def _item(cache, table, kv, q, out, g, d, n_keys, head, scale, n_heads=1):
     region = BS * (d + 4) if kv == "int8" else 2 * BS * d
     return _Item(q=q.data_ptr(), out=out.data_ptr(), k0=cache.data_ptr() + head * region, table=table.data_ptr(),
                  block_stride=HKV * region, v_offset=NUM_BLOCKS * HKV * region, n_keys=n_keys, G=g, D=d, bs=BS,
-                 int8=int(kv == "int8"), scale=scale)
+                 int8=int(kv == "int8"), scale=scale, n_heads=n_heads)
 
 
 def _reference(q, keys, values, head, scale):
@@ -95,6 +96,25 @@ def test_decode_kernel_matches_float64(lib, kv, g, d, n_keys):
         expected = _reference(q[None], keys, values, head, scale)[0]
         err = ((out.double() - expected).abs().max() / expected.abs().max()).item()
         assert err <= 0.01, (head, err)
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+@pytest.mark.parametrize("g,d", SHAPES)
+@pytest.mark.parametrize("n_keys", [1, 17, 75, 300])
+def test_decode_item_of_several_heads_equals_one_head_each(lib, kv, g, d, n_keys):
+    """An item over consecutive KV heads (blocks outer, heads inner) gives each head the bits of its own item (which
+    the test above holds to float64)."""
+    cache, table, keys, values = _cache(kv, g, d, n_keys, seed=n_keys + d + 1)
+    scale = d**-0.5
+    q = torch.randn(HKV, g, d, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16) * 3
+    alone = torch.empty(HKV, g, d, dtype=torch.bfloat16)
+    for head in range(HKV):
+        lib.fabrik_attend(ctypes.byref(_item(cache, table, kv, q[head], alone[head], g, d, n_keys, head, scale)))
+    for first, count in [(0, HKV), (1, HKV - 1), (0, 2)]:
+        together = torch.full((count, g, d), float("nan"), dtype=torch.bfloat16)
+        item = _item(cache, table, kv, q[first:], together, g, d, n_keys, first, scale, n_heads=count)
+        lib.fabrik_attend(ctypes.byref(item))
+        assert torch.equal(together, alone[first:first + count]), (first, count)
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])

@@ -37,117 +37,144 @@ static inline __m512i load_i8(const int8_t *p) { return _mm512_cvtepi8_epi16(_mm
 #define PREFETCH_KEYS 32
 
 static inline __attribute__((always_inline)) void attend_int8_fixed(const attn_item *it, const int G, const int D) {
-    const int NC = D / 32, bs = it->bs;
-    __m512i qv[G][NC];
-    float qscale[G], m[G];
-    __m512 l[G]; /* running sums of the weights, per lane: reduced once at the end */
-    __m512 acc[G][2 * NC];
+    const int NC = D / 32, bs = it->bs, NH = it->n_heads;
+    const long region_bytes = attn_region_bytes(1, bs, D);
+    __m512i qs[ATTN_MAX_HEADS][G][NC]; /* each head's int16 queries, and its running state between blocks */
+    float qscales[ATTN_MAX_HEADS][G], ms[ATTN_MAX_HEADS][G];
+    __m512 ls[ATTN_MAX_HEADS][G], state[ATTN_MAX_HEADS][G][2 * NC];
+    for (int h = 0; h < NH; h++)
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++) {
-        const uint16_t *q = it->q + g * D;
-        __m512i bits = _mm512_setzero_si512(); /* max |q| as the largest bf16 magnitude (fmaxf was a libm call) */
-        for (int d = 0; d < D; d += 32)
-            bits = _mm512_max_epu16(bits, _mm512_and_si512(_mm512_loadu_si512(q + d), _mm512_set1_epi16(0x7fff)));
-        float amax = bf16_to_f32((uint16_t)_mm512_reduce_max_epu32(_mm512_max_epu32(
-            _mm512_and_si512(bits, _mm512_set1_epi32(0xffff)), _mm512_srli_epi32(bits, 16))));
-        qscale[g] = amax > 0.0f ? amax / 32767.0f : 1.0f;
-        __m512 inv = _mm512_set1_ps(1.0f / qscale[g]);
+        for (int g = 0; g < G; g++) {
+            const uint16_t *q = it->q + (h * G + g) * D;
+            __m512i bits = _mm512_setzero_si512(); /* max |q| as the largest bf16 magnitude (fmaxf was a libm call) */
+            for (int d = 0; d < D; d += 32)
+                bits = _mm512_max_epu16(bits, _mm512_and_si512(_mm512_loadu_si512(q + d), _mm512_set1_epi16(0x7fff)));
+            float amax = bf16_to_f32((uint16_t)_mm512_reduce_max_epu32(_mm512_max_epu32(
+                _mm512_and_si512(bits, _mm512_set1_epi32(0xffff)), _mm512_srli_epi32(bits, 16))));
+            qscales[h][g] = amax > 0.0f ? amax / 32767.0f : 1.0f;
+            __m512 inv = _mm512_set1_ps(1.0f / qscales[h][g]);
 #pragma GCC unroll 8
-        for (int c = 0; c < NC; c++) qv[g][c] = bf16_to_i16(q + c * 32, inv);
+            for (int c = 0; c < NC; c++) qs[h][g][c] = bf16_to_i16(q + c * 32, inv);
 #pragma GCC unroll 16
-        for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_setzero_ps();
-        m[g] = -INFINITY;
-        l[g] = _mm512_setzero_ps();
-    }
-    for (int p = 0; p < PREFETCH_KEYS; p += 4) attn_prefetch_rows(it, p);
+            for (int c = 0; c < 2 * NC; c++) state[h][g][c] = _mm512_setzero_ps();
+            ms[h][g] = -INFINITY;
+            ls[h][g] = _mm512_setzero_ps();
+        }
+    for (int p = 0; p < PREFETCH_KEYS; p += 4) attn_prefetch_rows(it, 0, p);
     for (int t0 = 0; t0 < it->n_keys; t0 += bs) {
-        const char *region = it->k0 + it->table[t0 / bs] * it->block_stride;
-        const int8_t *K = (const int8_t *)region, *V = (const int8_t *)(region + it->v_offset);
-        const float *ks = (const float *)(region + (long)bs * D), *vs = (const float *)(region + it->v_offset + (long)bs * D);
-        int n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
-        for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
-            int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
-            float sc[G][KEY_CHUNK] __attribute__((aligned(64)));
-            for (int i = 0; i < cn; i += 4) {
-                attn_prefetch_rows(it, t0 + c0 + i + PREFETCH_KEYS);
-                __m512i a[4][G];
+        const int blk = t0 / bs, n = it->n_keys - t0 < bs ? it->n_keys - t0 : bs;
+        const char *block = it->k0 + it->table[blk] * it->block_stride;
+        for (int h = 0; h < NH; h++) {
+            const char *region = block + h * region_bytes;
+            const int8_t *K = (const int8_t *)region, *V = (const int8_t *)(region + it->v_offset);
+            const float *ks = (const float *)(region + (long)bs * D), *vs = (const float *)(region + it->v_offset + (long)bs * D);
+            __m512i qv[G][NC];
+            float qscale[G], m[G];
+            __m512 l[G]; /* running sums of the weights, per lane: reduced once at the end */
+            __m512 acc[G][2 * NC];
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+#pragma GCC unroll 8
+                for (int c = 0; c < NC; c++) qv[g][c] = qs[h][g][c];
+#pragma GCC unroll 16
+                for (int c = 0; c < 2 * NC; c++) acc[g][c] = state[h][g][c];
+                qscale[g] = qscales[h][g];
+                m[g] = ms[h][g];
+                l[g] = ls[h][g];
+            }
+            for (int c0 = 0; c0 < n; c0 += KEY_CHUNK) {
+                int cn = n - c0 < KEY_CHUNK ? n - c0 : KEY_CHUNK;
+                float sc[G][KEY_CHUNK] __attribute__((aligned(64)));
+                for (int i = 0; i < cn; i += 4) {
+                    attn_prefetch_rows(it, blk, h * bs + c0 + i + PREFETCH_KEYS);
+                    __m512i a[4][G];
 #pragma GCC unroll 4
-                for (int j = 0; j < 4; j++)
+                    for (int j = 0; j < 4; j++)
 #pragma GCC unroll 8
-                    for (int g = 0; g < G; g++) a[j][g] = _mm512_setzero_si512();
+                        for (int g = 0; g < G; g++) a[j][g] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-                for (int c = 0; c < NC; c++)
+                    for (int c = 0; c < NC; c++)
+#pragma GCC unroll 4
+                        for (int j = 0; j < 4; j++) {
+                            int row = i + j < cn ? i + j : cn - 1; /* past the end: recompute a valid row, unused */
+                            __m512i kv = load_i8(K + (long)(c0 + row) * D + c * 32);
+#pragma GCC unroll 8
+                            for (int g = 0; g < G; g++) a[j][g] = _mm512_dpwssd_epi32(a[j][g], kv, qv[g][c]);
+                        }
 #pragma GCC unroll 4
                     for (int j = 0; j < 4; j++) {
-                        int row = i + j < cn ? i + j : cn - 1; /* past the end: recompute a valid row, unused */
-                        __m512i kv = load_i8(K + (long)(c0 + row) * D + c * 32);
+                        int row = i + j < cn ? i + j : cn - 1;
 #pragma GCC unroll 8
-                        for (int g = 0; g < G; g++) a[j][g] = _mm512_dpwssd_epi32(a[j][g], kv, qv[g][c]);
-                    }
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; j++) {
-                    int row = i + j < cn ? i + j : cn - 1;
-#pragma GCC unroll 8
-                    for (int g = 0; g < G; g++)
-                        sc[g][(i + j) & (KEY_CHUNK - 1)] = (float)_mm512_reduce_add_epi32(a[j][g]) * ks[c0 + row];
-                }
-            }
-            const __mmask16 k0 = (__mmask16)((1u << cn) - 1u);
-            __m512 vs0 = _mm512_maskz_loadu_ps(k0, vs + c0); /* masked: past the chunk may be past the cache */
-            uint32_t pp[G][KEY_CHUNK / 2] __attribute__((aligned(32)));
-            float wscale[G];
-#pragma GCC unroll 8
-            for (int g = 0; g < G; g++) {
-                __m512 scale = _mm512_set1_ps(it->scale * qscale[g]), ninf = _mm512_set1_ps(-INFINITY);
-                __m512 s0 = _mm512_mask_mul_ps(ninf, k0, _mm512_load_ps(sc[g]), scale);
-                float mx = _mm512_reduce_max_ps(s0);
-                if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
-                    float r = fexp(m[g] - mx);
-                    __m512 rv = _mm512_set1_ps(r);
-                    l[g] = _mm512_mul_ps(l[g], rv);
-#pragma GCC unroll 16
-                    for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], rv);
-                    m[g] = mx;
-                }
-                __m512 p0 = _mm512_maskz_mov_ps(k0, exp512(_mm512_sub_ps(s0, _mm512_set1_ps(m[g]))));
-                l[g] = _mm512_add_ps(l[g], p0);
-                __m512 w0 = _mm512_mul_ps(p0, vs0);
-                float wmax = _mm512_reduce_max_ps(w0);
-                wscale[g] = wmax > 0.0f ? wmax / 32767.0f : 1.0f;
-                __m512 inv = _mm512_set1_ps(1.0f / wscale[g]);
-                _mm256_store_si256((__m256i *)pp[g], _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(w0, inv))));
-            }
-            __m512i sum[G][2 * NC];
-#pragma GCC unroll 8
-            for (int g = 0; g < G; g++)
-#pragma GCC unroll 16
-                for (int c = 0; c < 2 * NC; c++) sum[g][c] = _mm512_setzero_si512();
-            for (int i = 0; i < cn; i += 2) {
-                const int8_t *v0 = V + (long)(c0 + i) * D;
-                const int8_t *v1 = i + 1 < cn ? v0 + D : v0; /* an odd last key's partner has weight 0 */
-#pragma GCC unroll 8
-                for (int c = 0; c < NC; c++) {
-                    __m512i r0 = load_i8(v0 + c * 32), r1 = load_i8(v1 + c * 32);
-                    __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);
-#pragma GCC unroll 8
-                    for (int g = 0; g < G; g++) {
-                        __m512i w = _mm512_set1_epi32((int)pp[g][i / 2]);
-                        sum[g][2 * c] = _mm512_dpwssd_epi32(sum[g][2 * c], lo, w);
-                        sum[g][2 * c + 1] = _mm512_dpwssd_epi32(sum[g][2 * c + 1], hi, w);
+                        for (int g = 0; g < G; g++)
+                            sc[g][(i + j) & (KEY_CHUNK - 1)] = (float)_mm512_reduce_add_epi32(a[j][g]) * ks[c0 + row];
                     }
                 }
+                const __mmask16 k0 = (__mmask16)((1u << cn) - 1u);
+                __m512 vs0 = _mm512_maskz_loadu_ps(k0, vs + c0); /* masked: past the chunk may be past the cache */
+                uint32_t pp[G][KEY_CHUNK / 2] __attribute__((aligned(32)));
+                float wscale[G];
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    __m512 scale = _mm512_set1_ps(it->scale * qscale[g]), ninf = _mm512_set1_ps(-INFINITY);
+                    __m512 s0 = _mm512_mask_mul_ps(ninf, k0, _mm512_load_ps(sc[g]), scale);
+                    float mx = _mm512_reduce_max_ps(s0);
+                    if (mx > m[g]) { /* a new maximum: rescale what was summed so far */
+                        float r = fexp(m[g] - mx);
+                        __m512 rv = _mm512_set1_ps(r);
+                        l[g] = _mm512_mul_ps(l[g], rv);
+#pragma GCC unroll 16
+                        for (int c = 0; c < 2 * NC; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], rv);
+                        m[g] = mx;
+                    }
+                    __m512 p0 = _mm512_maskz_mov_ps(k0, exp512(_mm512_sub_ps(s0, _mm512_set1_ps(m[g]))));
+                    l[g] = _mm512_add_ps(l[g], p0);
+                    __m512 w0 = _mm512_mul_ps(p0, vs0);
+                    float wmax = _mm512_reduce_max_ps(w0);
+                    wscale[g] = wmax > 0.0f ? wmax / 32767.0f : 1.0f;
+                    __m512 inv = _mm512_set1_ps(1.0f / wscale[g]);
+                    _mm256_store_si256((__m256i *)pp[g], _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(w0, inv))));
+                }
+                __m512i sum[G][2 * NC];
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++)
+#pragma GCC unroll 16
+                    for (int c = 0; c < 2 * NC; c++) sum[g][c] = _mm512_setzero_si512();
+                for (int i = 0; i < cn; i += 2) {
+                    const int8_t *v0 = V + (long)(c0 + i) * D;
+                    const int8_t *v1 = i + 1 < cn ? v0 + D : v0; /* an odd last key's partner has weight 0 */
+#pragma GCC unroll 8
+                    for (int c = 0; c < NC; c++) {
+                        __m512i r0 = load_i8(v0 + c * 32), r1 = load_i8(v1 + c * 32);
+                        __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);
+#pragma GCC unroll 8
+                        for (int g = 0; g < G; g++) {
+                            __m512i w = _mm512_set1_epi32((int)pp[g][i / 2]);
+                            sum[g][2 * c] = _mm512_dpwssd_epi32(sum[g][2 * c], lo, w);
+                            sum[g][2 * c + 1] = _mm512_dpwssd_epi32(sum[g][2 * c + 1], hi, w);
+                        }
+                    }
+                }
+#pragma GCC unroll 8
+                for (int g = 0; g < G; g++) {
+                    __m512 ws = _mm512_set1_ps(wscale[g]);
+#pragma GCC unroll 16
+                    for (int c = 0; c < 2 * NC; c++)
+                        acc[g][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[g][c]), ws, acc[g][c]);
+                }
             }
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++) {
-                __m512 ws = _mm512_set1_ps(wscale[g]);
 #pragma GCC unroll 16
-                for (int c = 0; c < 2 * NC; c++)
-                    acc[g][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[g][c]), ws, acc[g][c]);
+                for (int c = 0; c < 2 * NC; c++) state[h][g][c] = acc[g][c];
+                ms[h][g] = m[g];
+                ls[h][g] = l[g];
             }
         }
     }
+    for (int h = 0; h < NH; h++)
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++) store_output(it->out + (long)g * D, acc[g], D, 1.0f / _mm512_reduce_add_ps(l[g]));
+        for (int g = 0; g < G; g++)
+            store_output(it->out + (long)(h * G + g) * D, state[h][g], D, 1.0f / _mm512_reduce_add_ps(ls[h][g]));
 }
 
 #define ATTEND_CASE(G_, D_)                                                                                            \

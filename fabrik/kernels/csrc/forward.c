@@ -61,10 +61,10 @@ static void rmsnorm_rows(const fabrik_model *M, uint16_t *x, const uint16_t *y, 
         fabrik_rmsnorm_row(x + (long)t * H, y ? y + (long)t * H : NULL, w, H, M->eps, out + (long)t * H);
 }
 
-/* Attention of n_q consecutive new tokens from t (one sequence s) for KV head kvh: one prefill tile when n_q > 1,
- * else the decode kernel. */
+/* Attention of n_q consecutive new tokens from t (one sequence s) for KV heads kvh..kvh + nh - 1: one prefill tile
+ * (nh = 1) when n_q > 1, else the decode kernel over the nh heads. */
 static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const uint16_t *qkv,
-                   long qkv_row, uint16_t *out, int t, int n_q, int s, int kvh) {
+                   long qkv_row, uint16_t *out, int t, int n_q, int s, int kvh, int nh) {
     int D = M->head_dim, G = M->n_heads / M->n_kv_heads;
     int q_len = B->query_start[s + 1] - B->query_start[s];
     long region = attn_region_bytes(M->kv_int8, M->block_size, D);
@@ -77,7 +77,7 @@ static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_b
             .block_stride = M->n_kv_heads * region,
             .v_offset = (long)M->num_blocks * M->n_kv_heads * region,
             .n_keys = B->seq_lens[s] - q_len + (t - B->query_start[s]) + 1,
-            .G = G, .D = D, .bs = M->block_size, .int8 = M->kv_int8, .scale = M->scale,
+            .G = G, .D = D, .bs = M->block_size, .int8 = M->kv_int8, .scale = M->scale, .n_heads = nh,
         },
         .q_stride = qkv_row, .out_stride = (long)M->n_heads * D, .n_q = n_q,
     };
@@ -85,19 +85,66 @@ static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_b
     else fabrik_attend(&tile.item);
 }
 
-/* Splits the batch's tokens into attention work: runs of up to `per_tile` tokens of one sequence (1 when there is
- * no tile kernel); writes (first token, count) pairs and returns how many. */
-static int make_tiles(const fabrik_batch *B, int per_tile, int32_t *tiles) {
-    int n = 0;
+/* A step's attention work, the same for every layer: prefill tiles (runs of up to a tile's worth of new tokens of one
+ * sequence, each paired with every KV head) and single tokens (decode, or a chunk's last odd token) with the running
+ * count of the keys they see. */
+typedef struct {
+    const int32_t *seq_of;   /* (T,) sequence of each token */
+    const int32_t *tiles;    /* (n_tiles, 2) first token, count (> 1) */
+    const int32_t *singles;  /* (n_singles,) token */
+    const int64_t *keys_cum; /* (n_singles + 1,) keys seen by the singles before each */
+    int n_tiles, n_singles;
+} attn_work;
+
+/* Splits the batch's tokens into runs of up to `per_tile` tokens of one sequence (1 when there is no tile kernel):
+ * runs of one token go to w->singles, the others to w->tiles (buffers the caller sized for T entries each). */
+static void plan_attention(const fabrik_batch *B, int per_tile, attn_work *w, int32_t *tiles, int32_t *singles,
+                           int64_t *keys_cum) {
+    w->n_tiles = w->n_singles = 0;
+    keys_cum[0] = 0;
     if (per_tile < 1) per_tile = 1;
-    for (int s = 0; s < B->S; s++)
-        for (int t = B->query_start[s]; t < B->query_start[s + 1]; t += per_tile) {
-            int left = B->query_start[s + 1] - t;
-            tiles[2 * n] = t;
-            tiles[2 * n + 1] = left < per_tile ? left : per_tile;
-            n++;
+    for (int s = 0; s < B->S; s++) {
+        int first = B->query_start[s], q_len = B->query_start[s + 1] - first;
+        for (int t = first; t < first + q_len; t += per_tile) {
+            int left = first + q_len - t, n = left < per_tile ? left : per_tile;
+            if (n > 1) {
+                tiles[2 * w->n_tiles] = t;
+                tiles[2 * w->n_tiles + 1] = n;
+                w->n_tiles++;
+            } else {
+                singles[w->n_singles] = t;
+                keys_cum[w->n_singles + 1] = keys_cum[w->n_singles] + B->seq_lens[s] - q_len + (t - first) + 1;
+                w->n_singles++;
+            }
         }
-    return n;
+    }
+    w->tiles = tiles;
+    w->singles = singles;
+    w->keys_cum = keys_cum;
+}
+
+/* Thread `me` of `nt`'s share of the single tokens' attention: the (token, KV head) pairs in token order, cut into nt
+ * runs of about equal key counts; the run's heads of one token go to the kernel together (up to ATTN_MAX_HEADS), so
+ * that each block's regions of those heads are read as one run. Static: a batch-1 step is one item per thread. */
+static void attend_singles(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const attn_work *w,
+                           const uint16_t *qkv, long qkv_row, uint16_t *out, int me, int nt) {
+    int Hkv = M->n_kv_heads;
+    long total = w->keys_cum[w->n_singles] * Hkv;
+    for (int k = 0; k < w->n_singles && total > 0; k++) {
+        long keys = w->keys_cum[k + 1] - w->keys_cum[k];
+        int h0 = -1, h1 = -1;
+        for (int h = 0; h < Hkv; h++) { /* the pair's owner: where the middle of its keys falls */
+            long mid2 = 2 * (w->keys_cum[k] * Hkv + h * keys) + keys;
+            long owner = mid2 * nt / (2 * total);
+            if ((owner < nt ? owner : nt - 1) == me) {
+                if (h0 < 0) h0 = h;
+                h1 = h + 1;
+            }
+        }
+        int t = w->singles[k];
+        for (int h = h0; h0 >= 0 && h < h1; h += ATTN_MAX_HEADS)
+            attend(M, Ly, B, qkv, qkv_row, out, t, 1, w->seq_of[t], h, h1 - h < ATTN_MAX_HEADS ? h1 - h : ATTN_MAX_HEADS);
+    }
 }
 
 static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t *x, int T, uint16_t *out) {
@@ -107,8 +154,7 @@ static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t 
                                 : fabrik_linear_bf16(L, x, T, out, flags);
 }
 
-static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const int32_t *seq_of,
-                         const int32_t *tiles, int n_tiles, uint16_t *x, uint16_t *h, uint16_t *qkv, uint16_t *a, uint16_t *gu, uint16_t *act,
+static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const attn_work *w, uint16_t *x, uint16_t *h, uint16_t *qkv, uint16_t *a, uint16_t *gu, uint16_t *act,
                          const uint16_t *residual) {
     int T = B->T, D = M->head_dim, Hq = M->n_heads, Hkv = M->n_kv_heads, I = M->intermediate;
     long kv_row = (long)Hkv * D, q_row = (long)Hq * D, qkv_row = q_row + 2 * kv_row;
@@ -128,11 +174,16 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
             fabrik_store_kv_row(vc + hh * region, v + (long)hh * D, offset, M->block_size, D, M->kv_int8);
         }
     }
-    /* Work items are (tile of tokens, KV head); causal prefill items differ in length, hence dynamic scheduling. */
-#pragma omp parallel for num_threads(M->nthreads) schedule(dynamic, 1)
-    for (long item = 0; item < (long)n_tiles * Hkv; item++) {
-        const int32_t *tile = tiles + 2 * (item / Hkv);
-        attend(M, Ly, B, qkv, qkv_row, a, tile[0], tile[1], seq_of[tile[0]], (int)(item % Hkv));
+    /* Single tokens first, split evenly by key count; then prefill items (tile, KV head), which differ in length
+     * (causal), dynamically scheduled. */
+#pragma omp parallel num_threads(M->nthreads)
+    {
+        attend_singles(M, Ly, B, w, qkv, qkv_row, a, omp_get_thread_num(), omp_get_num_threads());
+#pragma omp for schedule(dynamic, 1) nowait
+        for (long item = 0; item < (long)w->n_tiles * Hkv; item++) {
+            const int32_t *tile = w->tiles + 2 * (item / Hkv);
+            attend(M, Ly, B, qkv, qkv_row, a, tile[0], tile[1], w->seq_of[tile[0]], (int)(item % Hkv), 1);
+        }
     }
     if (linear(M, Ly->o, a, T, h)) return -1;
     rmsnorm_rows(M, x, h, Ly->post_norm, T, h);
@@ -153,19 +204,20 @@ int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) 
         if (B->tokens[t] < 0 || B->tokens[t] >= M->vocab) return -3;
     long qd = (long)M->n_heads * M->head_dim, kd = (long)M->n_kv_heads * M->head_dim, I = M->intermediate;
     long elems = (long)T * (2 * H + (qd + 2 * kd) + qd + 3 * I);
-    uint16_t *work = (uint16_t *)malloc((size_t)elems * 2 + (size_t)T * 12);
+    uint16_t *work = (uint16_t *)malloc((size_t)elems * 2 + (size_t)T * 24 + 8);
     if (!work) return -1;
     uint16_t *x = work, *h = x + (long)T * H, *qkv = h + (long)T * H, *a = qkv + T * (qd + 2 * kd);
     uint16_t *gu = a + T * qd, *act = gu + T * 2 * I;
-    int32_t *seq_of = (int32_t *)(act + T * I);
-    int32_t *tiles = seq_of + T;
+    int64_t *keys_cum = (int64_t *)(((uintptr_t)(act + T * I) + 7) & ~(uintptr_t)7);
+    int32_t *seq_of = (int32_t *)(keys_cum + T + 1), *tiles = seq_of + T, *singles = tiles + 2 * T;
     for (int s = 0; s < B->S; s++)
         for (int t = B->query_start[s]; t < B->query_start[s + 1]; t++) seq_of[t] = s;
-    int n_tiles = make_tiles(B, fabrik_tile_tokens(M->n_heads / M->n_kv_heads, M->head_dim), tiles);
+    attn_work w = {.seq_of = seq_of};
+    plan_attention(B, fabrik_tile_tokens(M->n_heads / M->n_kv_heads, M->head_dim), &w, tiles, singles, keys_cum);
     for (int t = 0; t < T; t++) memcpy(x + (long)t * H, M->embed + B->tokens[t] * H, (size_t)H * 2);
     int rc = 0;
     for (int i = 0; i < M->n_layers && rc == 0; i++)
-        rc = layer_forward(M, &M->layers[i], B, seq_of, tiles, n_tiles, x, h, qkv, a, gu, act, i ? h : NULL);
+        rc = layer_forward(M, &M->layers[i], B, &w, x, h, qkv, a, gu, act, i ? h : NULL);
     if (rc == 0) rmsnorm_rows(M, x, M->n_layers ? h : NULL, M->final_norm, T, out);
     free(work);
     return rc;
