@@ -1,6 +1,7 @@
-/* Paged attention of one work item: the G query heads that share one KV head, for one new token, over the
- * sequence's cached positions read through its block table with an online softmax (running max and sum per head):
- * no gathered copy of K/V, no mask. An AVX-512 path instantiated per (G, head_dim) and a portable C path.
+/* Paged attention of one work item: for one new token, the G query heads that share a KV head, for each of the
+ * item's KV heads, over the sequence's cached positions read through its block table with an online softmax (running
+ * max and sum per head): no gathered copy of K/V, no mask. An AVX-512 path instantiated per (G, head_dim) and a
+ * portable C path.
  *
  * Cache layout (fabrik/models/attention.py): (2, num_blocks, n_kv_heads, block_size, head_dim) bf16, so one head's
  * rows of a block are contiguous; the int8 cache (fabrik/models/kv_int8.py) keeps that order, each (block, head)

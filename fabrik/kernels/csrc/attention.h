@@ -1,4 +1,5 @@
-/* Paged attention of one work item (attention.c), called by the native forward (forward.c) over (token, KV head). */
+/* Paged attention of one work item (attention.c), called by the native forward (forward.c): a token and some of its
+ * KV heads (decode), or a tile of tokens and one KV head (prefill). */
 #ifndef FABRIK_ATTENTION_H
 #define FABRIK_ATTENTION_H
 
