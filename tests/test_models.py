@@ -13,6 +13,7 @@ from fabrik.loader import load_model
 from fabrik.model_config import load_model_config
 from fabrik.models.attention import AttentionMetadata, kv_cache_shape, paged_attention
 from fabrik.models.decoder import DecoderForCausalLM
+from fabrik.models.layers import RotaryEmbedding
 
 KIND_FIXTURES = ["qwen3_ckpt", "qwen3_untied_ckpt", "qwen2_ckpt", "llama_ckpt"]
 TOL = 1e-4
@@ -219,3 +220,19 @@ def test_linear_rope_scaling_matches_transformers(tmp_path: Path) -> None:
     tokens = random_tokens(20, seed=9)
     logits = PagedRunner(fabrik_model(path, torch.float32), block_size=4).step([("a", tokens)])
     assert_close(logits, hf_logits(path, tokens), "llama with linear rope scaling")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_tables_give_the_directly_computed_cos_sin(dtype):
+    """cos_sin reads rows of cached tables that grow with the positions asked for: the rows equal the per-call formula
+    bit for bit, before and after the tables grow, and a negative position is refused."""
+    rotary = RotaryEmbedding(64, 1e6, None)
+    for positions in ([3, 0, 255], [256, 7], [5000, 4999, 12], [0]):
+        p = torch.tensor(positions)
+        freqs = p.float()[:, None] * rotary.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = rotary.cos_sin(p, dtype)
+        assert torch.equal(cos, emb.cos().to(dtype)) and torch.equal(sin, emb.sin().to(dtype)), positions
+    assert rotary.cos_sin(torch.tensor([], dtype=torch.int64), dtype)[0].shape == (0, 64)
+    with pytest.raises(ValueError, match="negative position"):
+        rotary.cos_sin(torch.tensor([4, -1]), dtype)
