@@ -104,20 +104,24 @@ class ModelRunner:
                         plp_target.append(request.prompt_token_ids[p + 1])
                         plp_owner.append(chunk.request_id)
 
+        # One tensor for the three (T,) int64 inputs: each torch call costs several us with the caches cold after the
+        # previous step's forward.
+        ids_t, positions_t, slots_t = torch.tensor([input_ids, positions, slots], dtype=torch.int64).unbind()
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            slot_mapping=slots_t,
             query_start_loc=tuple(query_start_loc),
             seq_lens=tuple(seq_lens),
             block_tables=torch.tensor(table_rows, dtype=torch.int64),  # (S, max_blocks), zero-padded
             block_size=bs,
         )
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.int64),
-                            torch.tensor(positions, dtype=torch.int64), self.kv_caches, meta)  # (T, H)
+        hidden = self.model(ids_t, positions_t, self.kv_caches, meta)  # (T, H)
 
         sampled: dict[str, int] = {}
         logprobs: dict[str, TokenLogprob] = {}
         if sample_idx:
-            logits = self.model.compute_logits(hidden[sample_idx])  # (S, V) float32
+            # Every row samples in a decode-only step: no gather then.
+            sampling = hidden if len(sample_idx) == hidden.shape[0] else hidden[sample_idx]  # (S, H)
+            logits = self.model.compute_logits(sampling)  # (S, V) float32
             rows = [SamplingRow(params=requests[rid].sampling_params, generator=generators.get(rid),
                                 prompt_token_ids=requests[rid].prompt_token_ids,
                                 output_token_ids=requests[rid].output_token_ids) for rid in sample_ids]

@@ -96,7 +96,8 @@ class NativeBackend(KernelBackend):
         # csrc/argmax.c: torch's max over a 151,936-wide row runs on one thread at ~4 GB/s (~140 us).
         if logits.dim() != 2 or 0 in logits.shape:
             raise ValueError(f"argmax needs non-empty (N, V) logits, got {tuple(logits.shape)}")
-        logits = logits.float().contiguous()
+        if logits.dtype != torch.float32 or not logits.is_contiguous():
+            logits = logits.float().contiguous()
         index = torch.empty(logits.shape[0], dtype=torch.int64)
         self.library.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], self.num_threads,
                                  index.data_ptr())

@@ -162,16 +162,15 @@ class NativeForward:
             raise ValueError(f"metadata block_size {meta.block_size} != cache block size {self._desc.block_size}")
         num_tokens = input_ids.shape[0]
         cos, sin = self._rotary.cos_sin(positions, torch.bfloat16)  # (T, D) each
-        # The C side reads these as int64 arrays: no-ops for the model runner's tensors, copies for anything else.
-        input_ids = input_ids.to(torch.int64).contiguous()
-        slots = meta.slot_mapping.to(torch.int64).contiguous()
-        tables = meta.block_tables.to(torch.int64).contiguous()
-        query_start = torch.tensor(meta.query_start_loc, dtype=torch.int32)
-        seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int32)
+        # The C side reads these as int64 arrays: the model runner's tensors already are, anything else is copied.
+        input_ids, slots, tables = (t if t.dtype == torch.int64 and t.is_contiguous() else
+                                    t.to(torch.int64).contiguous() for t in (input_ids, meta.slot_mapping,
+                                                                             meta.block_tables))
+        lengths = torch.tensor((*meta.query_start_loc, *meta.seq_lens), dtype=torch.int32)  # (S + 1 + S,)
+        num_seqs = len(meta.seq_lens)
         batch = _Batch(tokens=input_ids.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), slots=slots.data_ptr(),
-                       query_start=query_start.data_ptr(), seq_lens=seq_lens.data_ptr(),
-                       block_tables=tables.data_ptr(), T=num_tokens, S=len(meta.seq_lens),
-                       max_blocks=tables.shape[1])
+                       query_start=lengths.data_ptr(), seq_lens=lengths.data_ptr() + 4 * (num_seqs + 1),
+                       block_tables=tables.data_ptr(), T=num_tokens, S=num_seqs, max_blocks=tables.shape[1])
         out = torch.empty((num_tokens, self._hidden), dtype=torch.bfloat16)
         if num_tokens:
             rc = self._fn(self._address, ctypes.addressof(batch), out.data_ptr())

@@ -103,7 +103,8 @@ class Sampler:
             raise ValueError(f"logits must have shape ({len(rows)}, V), got {tuple(logits.shape)}")
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[])
-        logits = logits.float()
+        if logits.dtype != torch.float32:  # the check is cheaper than a no-op float() call on each step
+            logits = logits.float()
         if all(row.params.is_greedy and row.params.logprobs is None and not self._modifies(row) for row in rows):
             # The common decode step: one pass over (N, V) (a separate NaN scan costs as much as the argmax).
             token_ids = self._argmax(logits).tolist()
