@@ -225,3 +225,51 @@ def test_unbounded_max_tokens_fits_the_kv_cache(qwen3_ckpt):
     assert len(out.outputs[0].token_ids) == 64 - 3 and out.outputs[0].finish_reason == "length"
     with pytest.raises(ValueError, match="KV blocks"):
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], greedy(100))
+
+
+def test_release_openmp_threads_ends_the_callers_pool():
+    """The workers a thread's parallel region started end when it releases them (other threads' pools untouched)."""
+    import os
+    import threading
+    import time
+
+    from fabrik.kernels.native import KernelBuildError, load_library
+    from fabrik.kernels.openmp import release_openmp_threads
+
+    try:
+        library = load_library()
+    except KernelBuildError as exc:
+        pytest.skip(f"no native kernels: {exc}")
+    data = torch.ones(1 << 20)
+    counts = []
+
+    def tasks() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    def run():
+        counts.append(tasks())
+        library.stream_read(data.data_ptr(), data.numel() * 4, 2)  # a region of 2 threads: this thread's pool
+        counts.append(tasks())
+        counts.append(release_openmp_threads())
+        deadline = time.monotonic() + 10
+        while tasks() > counts[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        counts.append(tasks())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    before, during, released, after = counts
+    assert during > before and released is True and after == before
+
+
+def test_the_engine_ends_its_loading_threads_openmp_pool(qwen3_ckpt, monkeypatch):
+    """An engine built on one thread and stepped on another must not leave the loader's pool behind."""
+    import fabrik.engine.llm_engine as llm_engine
+
+    calls = []
+    monkeypatch.setattr(llm_engine, "release_openmp_threads", lambda: calls.append(1) or True)
+    llm = LLM(str(qwen3_ckpt), dtype="bfloat16")
+    assert calls == [1]
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))
+    assert len(out[0].outputs[0].token_ids) == 3

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -16,8 +14,7 @@ from fabrik.outputs import SequenceUpdate
 from fabrik.sampling.params import SamplingParams
 from fabrik.server.common import ServerContext
 from fabrik.server.config import ModelInfo, ServerConfig
-from fabrik.server.engine_client import (EngineClient, EngineDeadError, EngineError, QueueFullError, RequestAborted,
-                                         build_in_passing_thread)
+from fabrik.server.engine_client import EngineClient, EngineDeadError, EngineError, QueueFullError, RequestAborted
 from fabrik.server.errors import _format_path, _path_of_loc, param_of_message
 from fabrik.server.metrics import Histogram, ServerMetrics
 
@@ -230,62 +227,3 @@ def test_capacity_counts_requests_that_have_not_started():
         assert client.metrics.requests_rejected == 1
 
     run_with_client(scenario, max_waiting=2)
-
-
-def test_engine_is_built_in_a_thread_that_ends():
-    seen = []
-    result = build_in_passing_thread(lambda: seen.append(threading.current_thread()) or "engine")
-    assert result == "engine" and seen[0] is not threading.current_thread() and not seen[0].is_alive()
-    with pytest.raises(ValueError, match="bad model"):
-        build_in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad model")))
-
-
-def test_the_build_threads_openmp_workers_end_with_it():
-    """The loader's OpenMP pool must not outlive it (a second pool makes libgomp's workers sleep at every region)."""
-    torch = pytest.importorskip("torch")
-    from fabrik.kernels.native import KernelBuildError, load_library
-
-    try:
-        library = load_library()
-    except KernelBuildError as exc:
-        pytest.skip(f"no native kernels: {exc}")
-    data = torch.ones(1 << 20)
-    before = len(os.listdir("/proc/self/task"))
-    during = []
-
-    def build():
-        library.stream_read(data.data_ptr(), data.numel() * 4, 2)  # an OpenMP region of 2 threads: opens a pool
-        during.append(len(os.listdir("/proc/self/task")))
-
-    build_in_passing_thread(build)
-    assert during[0] > before  # the loader and its worker(s) ran beside us
-    deadline = time.monotonic() + 10
-    while len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(os.listdir("/proc/self/task")) == before
-
-
-def test_serve_builds_its_engine_off_the_main_thread(monkeypatch):
-    """`fabrik serve` must not load the model on the thread that goes on to run the event loop."""
-    import argparse
-
-    import uvicorn
-
-    import fabrik.engine.llm_engine as llm_engine
-    import fabrik.server.app as app
-    from fabrik.server.cli import add_serve_parser
-
-    built_on = []
-
-    class RecordingEngine:
-        def __init__(self, config):
-            built_on.append(threading.current_thread())
-
-    monkeypatch.setattr(llm_engine, "LLMEngine", RecordingEngine)
-    monkeypatch.setattr(app, "build_app", lambda engine, config: None)
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
-    parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers())
-    args = parser.parse_args(["serve", "some/model", "--port", "1"])
-    assert args.func(args) == 0
-    assert built_on and built_on[0] is not threading.current_thread() and not built_on[0].is_alive()

@@ -26,6 +26,7 @@ from fabrik.core.block_manager import BlockManager
 from fabrik.core.request import Request, RequestStatus, StoppingCriteria
 from fabrik.core.scheduler import Scheduler
 from fabrik.engine.model_runner import ModelRunner
+from fabrik.kernels.openmp import release_openmp_threads
 from fabrik.models.attention import kv_bytes_per_token
 from fabrik.loader import resolve_dtype, resolve_model_path
 from fabrik.model_config import load_eos_token_ids, load_model_config, load_sampling_defaults
@@ -107,6 +108,10 @@ class LLMEngine:
         # them on every full collection (~4% of a batch-8 decode step otherwise).
         gc.collect()
         gc.freeze()
+        # Loading ran parallel regions on this thread; if another thread steps the engine (a server's engine thread,
+        # an LLM handed to a worker), this thread's idle OpenMP pool would make that thread's workers sleep at every
+        # region: batch-16 steps 60-66 -> 46-52 ms with it ended. Stepping on this thread starts a new pool.
+        release_openmp_threads()
         logger.info("engine ready: %s, %s, weights %s, kernels %s, %d KV blocks of %d tokens (%s, %.1f MiB), "
                     "max_model_len %d", path, self.dtype, config.quantization or "as loaded",
                     self.runner.kernel_backend, num_blocks, config.block_size,

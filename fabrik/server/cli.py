@@ -79,13 +79,13 @@ def serve_main(args: argparse.Namespace) -> int:
 
     from fabrik.engine.llm_engine import LLMEngine
     from fabrik.server.app import build_app
-    from fabrik.server.engine_client import build_in_passing_thread
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = server_config_from_args(args)
     engine_config = engine_config_from_args(args.model, args)
-    # The main thread runs the event loop and no torch: only the engine thread keeps OpenMP workers.
-    engine = build_in_passing_thread(lambda: LLMEngine(engine_config))
+    # The engine ends this thread's OpenMP workers once loaded: only the engine thread keeps a pool (the event loop runs
+    # no torch).
+    engine = LLMEngine(engine_config)
     app = build_app(engine, config)
     if not config.api_keys and config.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who can reach it may call",

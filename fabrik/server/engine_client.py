@@ -19,9 +19,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 from fabrik.engine.llm_engine import LLMEngine
 from fabrik.outputs import SequenceUpdate
@@ -31,38 +30,6 @@ from fabrik.server.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 _PROBE_ID = "fabrik-health-probe"
-
-_T = TypeVar("_T")
-
-
-def build_in_passing_thread(build: Callable[[], _T]) -> _T:
-    """Run ``build`` (the engine's construction) in a thread that exits when it is done; return its result.
-
-    libgomp keeps one pool of OpenMP workers per thread that has run a parallel region, and once it manages more
-    threads than there are CPUs it lets idle workers spin only ~100 times before they sleep. Loading the model on
-    the main thread left its pool beside the engine thread's, so the engine's workers slept and woke at every
-    parallel region of every step (55k context switches in a 13 s served run instead of 1.9k). A thread's pool
-    ends with the thread.
-
-    Raises:
-        Whatever ``build`` raised.
-    """
-    result: list = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(build())
-        except BaseException as exc:  # handed to the caller below
-            error.append(exc)
-
-    # NOTE: a daemon, so that Ctrl-C during a long load ends the process instead of waiting for the load.
-    thread = threading.Thread(target=run, name="fabrik-load", daemon=True)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 class EngineError(RuntimeError):
