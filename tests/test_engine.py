@@ -273,3 +273,32 @@ def test_the_engine_ends_its_loading_threads_openmp_pool(qwen3_ckpt, monkeypatch
     assert calls == [1]
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_generate_leaves_no_openmp_workers_on_its_thread(qwen3_ckpt):
+    """LLM.generate may be called from a web server's worker threads: none may keep an OpenMP pool afterwards."""
+    import os
+    import threading
+    import time
+
+    llm = LLM(str(qwen3_ckpt), dtype="bfloat16", max_num_batched_tokens=64)
+    counts = []
+
+    def tasks() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    def run():
+        before = tasks()
+        # a prompt long enough for parallel regions in the prefill
+        out = llm.generate([list(range(1, 200))], SamplingParams(temperature=0, max_tokens=4))
+        counts.append(len(out[0].outputs[0].token_ids))
+        deadline = time.monotonic() + 10
+        while tasks() > before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        counts.append(tasks() - before)
+
+    for _ in range(2):
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    assert counts == [4, 0, 4, 0]
