@@ -180,10 +180,11 @@ def fabrik_latency(r: Runner, ckpt: Path, fmt: FabrikFormat, batch: int, tag: st
     out = r.run_dir / f"{tag}.json"
     r.run([*_fabrik(), "bench", "latency", "--model", str(ckpt), "--input-len", str(s.input_len), "--output-len",
            str(s.output_len), "--batch-size", str(batch), "--num-iters", str(s.num_iters), "--warmup", str(s.warmup),
-           *fmt.args, "--json", str(out)], tag, fmt.env)
+           "--split", *fmt.args, "--json", str(out)], tag, fmt.env)
     raw = json.loads(out.read_text())
     return {"engine": "fabrik", "format": fmt.name, "batch": batch, "prefill_tps": raw["prefill_tokens_per_s"],
-            "decode_tps_total": raw["decode_tokens_per_s_total"], "decode_tps_seq": raw["decode_tokens_per_s_per_seq"]}
+            "decode_tps_total": raw["decode_tokens_per_s_total"], "decode_tps_seq": raw["decode_tokens_per_s_per_seq"],
+            "split": raw["decode_split"]}
 
 
 def hf_latency(r: Runner, ckpt: Path, batch: int, tag: str) -> dict[str, Any]:
@@ -508,6 +509,23 @@ def render(results: dict[str, Any], plots: list[Path]) -> str:
     for f in results["offline"]:
         lines.append(f"| {f['round'] + 1} | {f['engine']} | {f['format']} | {f['batch']} | {_f(f['decode_tps_seq'])} "
                      f"| {_f(f['bw_readings'][0])}, {_f(f['bw_readings'][1])} | {_pct(f.get('roofline_fraction'))} |")
+    split_rows = [f for f in results["offline"] if f.get("split")]
+    if split_rows:
+        lines += [
+            "", "### Where a fabrik decode step goes", "",
+            "`fabrik bench latency --split` (the same runs): mean milliseconds per decode step, from the native "
+            "forward's own timers and the LM head call's. *Outside the matmuls* = step less the linears and the LM "
+            "head (attention with its per-head norms, rotary and K/V stores; RMSNorms, SiLU-and-multiply; the engine's "
+            "Python and sampling).", "",
+            "| round | weights | batch | step | linears | LM head | attention | other forward | outside the forward "
+            "| outside the matmuls |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+        for f in split_rows:
+            x = f["split"]
+            lines.append(f"| {f['round'] + 1} | {f['format']} | {f['batch']} | {_f(x['step_ms'])} "
+                         f"| {_f(x['linears_ms'])} | {_f(x['lm_head_ms'])} | {_f(x['attention_ms'], 2)} "
+                         f"| {_f(x['forward_other_ms'], 2)} | {_f(x['outside_forward_ms'], 2)} "
+                         f"| {100 * x['outside_matmuls_fraction']:.1f}% |")
     lines += [
         "", "## Served", "",
         f"`fabrik bench serve` (streaming `/v1/completions`, token-id prompts of {s['serve_input_len']} tokens, "

@@ -121,6 +121,28 @@ def test_latency_smoke(qwen3_ckpt, tmp_path, capsys) -> None:
     assert "decode tokens/s total" in capsys.readouterr().out
 
 
+def test_latency_split_accounts_for_the_decode_step(qwen3_ckpt, tmp_path, capsys) -> None:
+    """--split: the parts of a decode step are positive, add up to it, and the share outside the matmuls is the
+    step less the linears and the LM head; a model without the native forward is refused."""
+    from fabrik.kernels import select_backend
+
+    if select_backend("auto").name == "torch":
+        pytest.skip("no native kernels on this CPU")
+    out = tmp_path / "lat.json"
+    assert main(["bench", "latency", "--model", str(qwen3_ckpt), "--input-len", "40", "--output-len", "6",
+                 "--num-iters", "2", "--warmup", "0", "--dtype", "bfloat16", "--split", "--json", str(out)]) == 0
+    split = json.loads(out.read_text())["decode_split"]
+    parts = ("linears_ms", "lm_head_ms", "attention_ms", "forward_other_ms", "outside_forward_ms")
+    assert all(split[p] > 0 for p in parts), split
+    assert sum(split[p] for p in parts) == pytest.approx(split["step_ms"])
+    assert split["outside_matmuls_fraction"] == pytest.approx(
+        (split["step_ms"] - split["linears_ms"] - split["lm_head_ms"]) / split["step_ms"])
+    assert "outside the matmuls (%)" in capsys.readouterr().out
+    assert main(["bench", "latency", "--model", str(qwen3_ckpt), "--input-len", "8", "--output-len", "2",
+                 "--dtype", "float32", "--split"]) != 0
+    assert "--split needs the native forward" in capsys.readouterr().err
+
+
 # -- serve against a fake streaming server ----------------------------------------------------
 class _FakeCompletions(BaseHTTPRequestHandler):
     """Streams ``max_tokens`` one-token chunks (1 ms apart); every third request fails with HTTP 500."""

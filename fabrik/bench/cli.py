@@ -35,6 +35,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
     lat.add_argument("--prompt-seed", type=int, default=0)
     lat.add_argument("--json", default=None, metavar="FILE", help="write every figure to FILE")
+    lat.add_argument("--split", action="store_true",
+                     help="also time the native forward's parts and the LM head: where a decode step's time goes")
     add_engine_args(lat)
     lat.set_defaults(func=_latency)
 
@@ -107,7 +109,7 @@ def _latency(args: argparse.Namespace) -> int:
     from fabrik.bench.offline import run_latency
 
     r = run_latency(args.model, args.input_len, args.output_len, args.batch_size, args.num_iters, args.warmup,
-                    args.prompt_seed, **_engine_kwargs(args))
+                    args.prompt_seed, split=args.split, **_engine_kwargs(args))
     step = r["decode_step_ms"]
     _print_pairs(f"latency: batch {r['batch_size']} x ({r['input_len']} in, {r['output_len']} out), "
                  f"median of {r['num_iters']} iterations", [
@@ -116,6 +118,14 @@ def _latency(args: argparse.Namespace) -> int:
         ("decode step ms p99", step["p99"]),
         ("decode tokens/s total", r["decode_tokens_per_s_total"]),
         ("decode tokens/s per seq", r["decode_tokens_per_s_per_seq"])])
+    split = r["decode_split"]
+    if split is not None:
+        _print_pairs("per decode step (mean ms): the matmuls, the attention, the rest", [
+            ("step", split["step_ms"]), ("linears", split["linears_ms"]), ("LM head", split["lm_head_ms"]),
+            ("attention (with norms, rotary, K/V stores)", split["attention_ms"]),
+            ("other native forward", split["forward_other_ms"]),
+            ("outside the forward (scheduler, sampling, Python)", split["outside_forward_ms"]),
+            ("outside the matmuls (%)", 100 * split["outside_matmuls_fraction"])])
     _write_json(args.json, r)
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from fabrik.bench.split import StepSplit, summarize_split
 from fabrik.bench.stats import summarize
 from fabrik.bench.workload import DEFAULT_TOKEN_ID_RANGE, random_token_prompts
 
@@ -58,8 +59,9 @@ def run_throughput(model: str, num_prompts: int, input_len: int, output_len: int
     }
 
 
-def _one_batch(engine, prompts: list[list[int]], params, tag: str) -> dict[str, Any]:
-    """Step one batch to completion; returns the prefill time and the decode step times."""
+def _one_batch(engine, prompts: list[list[int]], params, tag: str, split: StepSplit | None = None) -> dict[str, Any]:
+    """Step one batch to completion; returns the prefill time, the decode step times and (with split) where each
+    decode step's time went."""
     for i, ids in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", ids, params)
     waiting_first = {f"{tag}-{i}" for i in range(len(prompts))}
@@ -67,7 +69,9 @@ def _one_batch(engine, prompts: list[list[int]], params, tag: str) -> dict[str, 
     prefill_steps = 0
     decode_steps: list[float] = []
     decode_tokens = 0
+    decode_split: list[tuple[float, ...]] = []
     while engine.has_unfinished():
+        parts = split.read() if split is not None else ()
         start = time.perf_counter()
         updates = engine.step()
         took = time.perf_counter() - start
@@ -79,20 +83,28 @@ def _one_batch(engine, prompts: list[list[int]], params, tag: str) -> dict[str, 
         else:
             decode_steps.append(took)
             decode_tokens += sum(len(u.new_token_ids) for u in updates)
+            if split is not None:
+                decode_split.append((took, *(after - before for after, before in zip(split.read(), parts))))
     return {"prefill_s": prefill_s, "prefill_steps": prefill_steps, "decode_step_s": decode_steps,
-            "decode_tokens": decode_tokens}
+            "decode_tokens": decode_tokens, "decode_split": decode_split}
 
 
 def run_latency(model: str, input_len: int, output_len: int, batch_size: int, num_iters: int = 3,
-                warmup: int = 1, prompt_seed: int = 0, **engine_kwargs: Any) -> dict[str, Any]:
+                warmup: int = 1, prompt_seed: int = 0, split: bool = False, **engine_kwargs: Any) -> dict[str, Any]:
     """Time prefill and decode of one batch of ``batch_size`` random prompts, ``num_iters`` times.
 
     Each iteration uses fresh prompts, so the prefix cache never serves a prompt. Figures are medians over the
     iterations; the decode step time is summarized over the steps of every iteration.
 
+    With ``split``, the native forward and the LM head are timed too (``fabrik.bench.split``): "decode_split" holds
+    the mean milliseconds per decode step of each part over every iteration, and the share outside the matmuls.
+
     Returns:
         A dict of the settings, per-iteration figures and their medians (prefill tokens/s, decode tokens/s per
         sequence and in total, milliseconds per decode step).
+
+    Raises:
+        ValueError: a bad setting, or ``split`` on a model without the native forward.
     """
     from fabrik.config import EngineConfig
     from fabrik.engine.llm_engine import LLMEngine
@@ -104,17 +116,20 @@ def run_latency(model: str, input_len: int, output_len: int, batch_size: int, nu
     if warmup < 0:
         raise ValueError(f"warmup ({warmup}) must be >= 0")
     engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+    step_split = StepSplit(engine) if split else None
     id_range = _id_range(engine.model_config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     iters = []
     all_steps: list[float] = []
+    all_split: list[tuple[float, ...]] = []
     for k in range(warmup + num_iters):
         prompts = random_token_prompts(batch_size, input_len, prompt_seed + k, id_range)
-        batch = _one_batch(engine, prompts, params, f"it{k}")
+        batch = _one_batch(engine, prompts, params, f"it{k}", step_split)
         if k < warmup:
             continue
         steps = batch["decode_step_s"]
         all_steps.extend(steps)
+        all_split.extend(batch["decode_split"])
         decode_s = sum(steps)
         iters.append({
             "prefill_s": batch["prefill_s"], "prefill_steps": batch["prefill_steps"],
@@ -137,5 +152,6 @@ def run_latency(model: str, input_len: int, output_len: int, batch_size: int, nu
         "decode_step_ms": summarize(all_steps, 1e3),
         "decode_tokens_per_s_total": median("decode_tokens_per_s_total"),
         "decode_tokens_per_s_per_seq": median("decode_tokens_per_s_per_seq"),
+        "decode_split": summarize_split(all_split) if split else None,
         "iterations": iters,
     }

@@ -39,7 +39,14 @@ class _Model(ctypes.Structure):
     _fields_ = [("layers", ctypes.c_void_p), ("embed", ctypes.c_void_p), ("final_norm", ctypes.c_void_p)] + [
         (name, ctypes.c_int32) for name in ("n_layers", "vocab", "hidden", "n_heads", "n_kv_heads", "head_dim",
                                             "intermediate", "num_blocks", "block_size", "fmt", "nthreads", "kv_int8")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("timings", ctypes.c_void_p)]
+
+
+class _Timings(ctypes.Structure):
+    """Mirror of ``fabrik_timings`` in csrc/forward.c."""
+
+    _fields_ = [("linears", ctypes.c_double), ("attention", ctypes.c_double), ("total", ctypes.c_double),
+                ("calls", ctypes.c_int64)]
 
 
 class _Batch(ctypes.Structure):
@@ -128,6 +135,20 @@ class NativeForward:
         self._address = ctypes.addressof(self._desc)
         self._hidden = config.hidden_size
         self._caches: list[torch.Tensor] | None = None
+        self._timings: _Timings | None = None
+
+    def enable_timings(self) -> None:
+        """From now on, every call adds where its time went to ``timings()`` (starting from zero)."""
+        self._timings = _Timings()
+        self._desc.timings = ctypes.addressof(self._timings)
+
+    def timings(self) -> dict[str, float]:
+        """Seconds of the calls since ``enable_timings``: "linears" (the projections), "attention" (with the per-head
+        norms, rotary and K/V stores), "total" (whole calls), and "calls"."""
+        if self._timings is None:
+            raise RuntimeError("enable_timings was not called")
+        t = self._timings
+        return {"linears": t.linears, "attention": t.attention, "total": t.total, "calls": t.calls}
 
     def _bind(self, kv_caches: list[torch.Tensor]) -> None:
         if len(kv_caches) != len(self._layers):

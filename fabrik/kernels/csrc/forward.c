@@ -15,6 +15,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "attention.h"
 #include "fabrik.h"
@@ -34,6 +35,21 @@ typedef struct {
     char *kv_cache; /* (2, num_blocks, n_kv_heads, block_size, head_dim) bf16, or the int8 layout (attention.h) */
 } fabrik_layer;
 
+/* Where the native forward's time went, in seconds summed over its calls while the model's `timings` is set
+ * (`fabrik bench latency --split`); clock reads cost ~10 us per 28-layer step. */
+typedef struct {
+    double linears;   /* the projections: [q | k | v], o, [gate | up], down */
+    double attention; /* per-head norms, rotary, K/V stores and paged attention */
+    double total;     /* whole calls: the above, the RMSNorms, SiLU-and-multiply, embedding rows, buffers */
+    int64_t calls;
+} fabrik_timings;
+
+static inline double clock_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
 typedef struct {
     const fabrik_layer *layers;
     const uint16_t *embed;      /* (vocab, hidden) bf16 */
@@ -41,6 +57,7 @@ typedef struct {
     int32_t n_layers, vocab, hidden, n_heads, n_kv_heads, head_dim, intermediate;
     int32_t num_blocks, block_size, fmt, nthreads, kv_int8;
     float eps, scale;
+    fabrik_timings *timings; /* NULL: not timed */
 } fabrik_model;
 
 typedef struct {
@@ -149,9 +166,12 @@ static void attend_singles(const fabrik_model *M, const fabrik_layer *Ly, const 
 
 static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t *x, int T, uint16_t *out) {
     int flags = X_BF16 | OUT_BF16;
-    return M->fmt == FMT_INT8   ? fabrik_linear_int8(L, x, T, out, flags)
-           : M->fmt == FMT_INT4 ? fabrik_linear_int4(L, x, T, out, flags)
-                                : fabrik_linear_bf16(L, x, T, out, flags);
+    double start = M->timings ? clock_s() : 0.0;
+    int rc = M->fmt == FMT_INT8   ? fabrik_linear_int8(L, x, T, out, flags)
+             : M->fmt == FMT_INT4 ? fabrik_linear_int4(L, x, T, out, flags)
+                                  : fabrik_linear_bf16(L, x, T, out, flags);
+    if (M->timings) M->timings->linears += clock_s() - start;
+    return rc;
 }
 
 static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const attn_work *w, uint16_t *x, uint16_t *h, uint16_t *qkv, uint16_t *a, uint16_t *gu, uint16_t *act,
@@ -160,6 +180,7 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
     long kv_row = (long)Hkv * D, q_row = (long)Hq * D, qkv_row = q_row + 2 * kv_row;
     rmsnorm_rows(M, x, residual, Ly->input_norm, T, h);
     if (linear(M, Ly->qkv, h, T, qkv)) return -1;
+    double start = M->timings ? clock_s() : 0.0;
 #pragma omp parallel for num_threads(M->nthreads) if (T >= 4) schedule(static)
     for (int t = 0; t < T; t++) {
         const uint16_t *cos = B->cos + (long)t * D, *sin = B->sin + (long)t * D;
@@ -185,6 +206,7 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
             attend(M, Ly, B, qkv, qkv_row, a, tile[0], tile[1], w->seq_of[tile[0]], (int)(item % Hkv), 1);
         }
     }
+    if (M->timings) M->timings->attention += clock_s() - start;
     if (linear(M, Ly->o, a, T, h)) return -1;
     rmsnorm_rows(M, x, h, Ly->post_norm, T, h);
     if (linear(M, Ly->gate_up, h, T, gu)) return -1;
@@ -193,10 +215,7 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
     return linear(M, Ly->down, act, T, h);
 }
 
-/* Runs the batch through every layer and the final norm: out (T, hidden) bf16. Returns 0, -1 when out of memory,
- * -2 when the model's shape is beyond the fixed limits (MAX_GROUP query heads per KV head, MAX_HEAD_DIM), -3 when a
- * token id is outside the vocabulary. */
-int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) {
+static int forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) {
     int T = B->T, H = M->hidden;
     if (M->n_heads % M->n_kv_heads || M->n_heads / M->n_kv_heads > MAX_GROUP || M->head_dim > MAX_HEAD_DIM)
         return -2;
@@ -220,5 +239,18 @@ int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) 
         rc = layer_forward(M, &M->layers[i], B, &w, x, h, qkv, a, gu, act, i ? h : NULL);
     if (rc == 0) rmsnorm_rows(M, x, M->n_layers ? h : NULL, M->final_norm, T, out);
     free(work);
+    return rc;
+}
+
+/* Runs the batch through every layer and the final norm: out (T, hidden) bf16. Returns 0, -1 when out of memory,
+ * -2 when the model's shape is beyond the fixed limits (MAX_GROUP query heads per KV head, MAX_HEAD_DIM), -3 when a
+ * token id is outside the vocabulary. */
+int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) {
+    double start = M->timings ? clock_s() : 0.0;
+    int rc = forward(M, B, out);
+    if (M->timings) {
+        M->timings->total += clock_s() - start;
+        M->timings->calls++;
+    }
     return rc;
 }
