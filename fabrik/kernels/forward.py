@@ -142,9 +142,9 @@ class NativeForward:
         self._timings = _Timings()
         self._desc.timings = ctypes.addressof(self._timings)
 
-    def timings(self) -> dict[str, float]:
+    def timings(self) -> dict[str, float | int]:
         """Seconds of the calls since ``enable_timings``: "linears" (the projections), "attention" (with the per-head
-        norms, rotary and K/V stores), "total" (whole calls), and "calls"."""
+        norms, rotary and K/V stores), "total" (whole calls), and the number of "calls"."""
         if self._timings is None:
             raise RuntimeError("enable_timings was not called")
         t = self._timings
