@@ -78,12 +78,16 @@ static void rmsnorm_rows(const fabrik_model *M, uint16_t *x, const uint16_t *y, 
         fabrik_rmsnorm_row(x + (long)t * H, y ? y + (long)t * H : NULL, w, H, M->eps, out + (long)t * H);
 }
 
+/* Cached positions batch token t of sequence s attends to (causal: its own position + 1). */
+static inline int keys_seen(const fabrik_batch *B, int s, int t) {
+    return B->seq_lens[s] - (B->query_start[s + 1] - B->query_start[s]) + (t - B->query_start[s]) + 1;
+}
+
 /* Attention of n_q consecutive new tokens from t (one sequence s) for KV heads kvh..kvh + nh - 1: one prefill tile
  * (nh = 1) when n_q > 1, else the decode kernel over the nh heads. */
 static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_batch *B, const uint16_t *qkv,
                    long qkv_row, uint16_t *out, int t, int n_q, int s, int kvh, int nh) {
     int D = M->head_dim, G = M->n_heads / M->n_kv_heads;
-    int q_len = B->query_start[s + 1] - B->query_start[s];
     long region = attn_region_bytes(M->kv_int8, M->block_size, D);
     attn_tile tile = {
         .item = {
@@ -93,7 +97,7 @@ static void attend(const fabrik_model *M, const fabrik_layer *Ly, const fabrik_b
             .table = B->block_tables + (long)s * B->max_blocks,
             .block_stride = M->n_kv_heads * region,
             .v_offset = (long)M->num_blocks * M->n_kv_heads * region,
-            .n_keys = B->seq_lens[s] - q_len + (t - B->query_start[s]) + 1,
+            .n_keys = keys_seen(B, s, t),
             .G = G, .D = D, .bs = M->block_size, .int8 = M->kv_int8, .scale = M->scale, .n_heads = nh,
         },
         .q_stride = qkv_row, .out_stride = (long)M->n_heads * D, .n_q = n_q,
@@ -130,7 +134,7 @@ static void plan_attention(const fabrik_batch *B, int per_tile, attn_work *w, in
                 w->n_tiles++;
             } else {
                 singles[w->n_singles] = t;
-                keys_cum[w->n_singles + 1] = keys_cum[w->n_singles] + B->seq_lens[s] - q_len + (t - first) + 1;
+                keys_cum[w->n_singles + 1] = keys_cum[w->n_singles] + keys_seen(B, s, t);
                 w->n_singles++;
             }
         }
