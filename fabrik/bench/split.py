@@ -14,9 +14,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-FIELDS = ("linears", "attention", "forward", "lm_head")
-
-
 class StepSplit:
     """Cumulative seconds of the native forward's parts and of the LM head, read before and after each step."""
 
@@ -39,13 +36,13 @@ class StepSplit:
         model.compute_logits = timed_head  # this engine is the benchmark's own
 
     def read(self) -> tuple[float, ...]:
-        """Seconds so far, in FIELDS order."""
+        """Seconds so far: (linears, attention, whole forward, LM head)."""
         t = self._forward.timings()
         return t["linears"], t["attention"], t["total"], self._head_s
 
 
 def summarize_split(steps: list[tuple[float, ...]]) -> dict[str, float] | None:
-    """Mean milliseconds per step of each part, from (step seconds, *FIELDS deltas) per decode step."""
+    """Mean milliseconds per step of each part, from (step seconds, *deltas of StepSplit.read()) per decode step."""
     if not steps:
         return None
     n = len(steps)
