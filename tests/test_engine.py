@@ -227,11 +227,26 @@ def test_unbounded_max_tokens_fits_the_kv_cache(qwen3_ckpt):
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], greedy(100))
 
 
+def _threads() -> int:
+    """Threads of this process (OpenMP workers included)."""
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+def _threads_settled(at_most: int) -> int:
+    """The thread count once it is at most ``at_most``, or after 10 s (exiting workers take a moment to go)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while _threads() > at_most and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _threads()
+
+
 def test_release_openmp_threads_ends_the_callers_pool():
     """The workers a thread's parallel region started end when it releases them (other threads' pools untouched)."""
-    import os
     import threading
-    import time
 
     from fabrik.kernels.native import KernelBuildError, load_library
     from fabrik.kernels.openmp import release_openmp_threads
@@ -243,18 +258,12 @@ def test_release_openmp_threads_ends_the_callers_pool():
     data = torch.ones(1 << 20)
     counts = []
 
-    def tasks() -> int:
-        return len(os.listdir("/proc/self/task"))
-
     def run():
-        counts.append(tasks())
+        counts.append(_threads())
         library.stream_read(data.data_ptr(), data.numel() * 4, 2)  # a region of 2 threads: this thread's pool
-        counts.append(tasks())
+        counts.append(_threads())
         counts.append(release_openmp_threads())
-        deadline = time.monotonic() + 10
-        while tasks() > counts[0] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        counts.append(tasks())
+        counts.append(_threads_settled(counts[0]))
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -277,25 +286,17 @@ def test_the_engine_ends_its_loading_threads_openmp_pool(qwen3_ckpt, monkeypatch
 
 def test_generate_leaves_no_openmp_workers_on_its_thread(qwen3_ckpt):
     """LLM.generate may be called from a web server's worker threads: none may keep an OpenMP pool afterwards."""
-    import os
     import threading
-    import time
 
     llm = LLM(str(qwen3_ckpt), dtype="bfloat16", max_num_batched_tokens=64)
     counts = []
 
-    def tasks() -> int:
-        return len(os.listdir("/proc/self/task"))
-
     def run():
-        before = tasks()
+        before = _threads()
         # a prompt long enough for parallel regions in the prefill
         out = llm.generate([list(range(1, 200))], SamplingParams(temperature=0, max_tokens=4))
         counts.append(len(out[0].outputs[0].token_ids))
-        deadline = time.monotonic() + 10
-        while tasks() > before and time.monotonic() < deadline:
-            time.sleep(0.01)
-        counts.append(tasks() - before)
+        counts.append(_threads_settled(before) - before)
 
     for _ in range(2):
         thread = threading.Thread(target=run)
