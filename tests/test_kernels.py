@@ -354,3 +354,52 @@ def test_sampler_uses_the_backend_argmax(native):
     x[2, 17] = float("nan")
     with pytest.raises(ValueError, match=r"NaN in rows \[2\]"):
         Sampler((0,), native.argmax)(x, rows)
+
+
+def _first_max(out: torch.Tensor) -> list[int]:
+    """Per row: the first index of its maximum, -1 for a row holding NaN (the argmax contract of greedy sampling)."""
+    return [-1 if bool(row.isnan().any()) else int(torch.nonzero(row == row.max())[0]) for row in out]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "int4-g128"])
+@pytest.mark.parametrize("n", [1, 37, 130, 1000])
+def test_linear_argmax_in_passing(native, fmt, n):
+    """The LM head's argmax found while it stores the logits: the logits are the plain call's bits, and the index is
+    each row's first maximum of them, -1 for a NaN row, 0 for a row of -inf: on random rows, rows of many ties (x = 0:
+    the bias alone), a NaN in the bias, and a bias of -inf."""
+    quantization = None if fmt == "bf16" else fmt
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 64, generator=g).to(torch.bfloat16)
+    ties = torch.randint(0, 3, (n,), generator=g).float()
+    nan = torch.randn(n, generator=g)
+    nan[n // 2] = float("nan")
+    for bias in (torch.randn(n, generator=g), ties, nan, torch.full((n,), float("-inf"))):
+        layer = native.linear(w, bias, quantization, out_dtype=torch.float32)
+        for m in BATCHES:
+            x = torch.randn(m, 64, generator=g).to(torch.bfloat16)
+            x[::3] = 0  # these rows are the bias alone
+            out, index = layer.forward_with_argmax(x)
+            assert torch.equal(out.view(torch.int32), layer(x).view(torch.int32)), f"M={m}: not the plain call's bits"
+            assert index.dtype == torch.int64 and index.tolist() == _first_max(out), f"M={m}, bias {bias[:4]}"
+    with pytest.raises(ValueError, match="float32"):
+        native.linear(w, None, quantization).forward_with_argmax(x)
+
+
+def test_greedy_steps_take_the_lm_heads_argmax(qwen3_ckpt):
+    """Greedy rows sample the LM head kernel's argmax (the sampler's own is never called) and get the tokens the
+    sampler's full path picks from the same logits (asking for logprobs takes that path)."""
+    backend = select_backend("auto")
+    if backend.name == "torch":
+        pytest.skip("no native kernels on this CPU")
+    llm = LLM(str(qwen3_ckpt), dtype="bfloat16", kv_cache_memory_bytes=8 * 2**20, kernels=backend.name)
+    prompts = [{"prompt_token_ids": p} for p in _prompts()]
+
+    def refuse(logits):
+        raise AssertionError("the sampler's argmax ran")
+
+    sampler = llm.engine.runner.sampler
+    sampler._argmax, own = refuse, sampler._argmax
+    fused = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    sampler._argmax = own
+    full = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0))
+    assert [o.outputs[0].token_ids for o in fused] == [o.outputs[0].token_ids for o in full]

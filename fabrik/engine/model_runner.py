@@ -121,11 +121,15 @@ class ModelRunner:
         if sample_idx:
             # Every row samples in a decode-only step: no gather then.
             sampling = hidden if len(sample_idx) == hidden.shape[0] else hidden[sample_idx]  # (S, H)
-            logits = self.model.compute_logits(sampling)  # (S, V) float32
             rows = [SamplingRow(params=requests[rid].sampling_params, generator=generators.get(rid),
                                 prompt_token_ids=requests[rid].prompt_token_ids,
                                 output_token_ids=requests[rid].output_token_ids) for rid in sample_ids]
-            result = self.sampler(logits, rows)
+            argmax = None
+            if self.sampler.takes_argmax(rows):
+                logits, argmax = self.model.compute_logits_and_argmax(sampling)  # (S, V) float32, (S,) or None
+            else:
+                logits = self.model.compute_logits(sampling)  # (S, V) float32
+            result = self.sampler(logits, rows, argmax)
             for rid, token, lp in zip(sample_ids, result.token_ids, result.logprobs):
                 sampled[rid] = token
                 if lp is not None:

@@ -297,9 +297,30 @@ class NativeLinear(nn.Module):
         out_dtype = self.out_dtype or x.dtype
         out = torch.empty((m, self.out_features), dtype=out_dtype)
         if m and self._kernel(self._address, x.data_ptr(), m, out.data_ptr(),
-                              _X_FLAGS[x.dtype] | _OUT_FLAGS[out_dtype]) != 0:
+                              _X_FLAGS[x.dtype] | _OUT_FLAGS[out_dtype], None) != 0:
             raise MemoryError(f"native linear ({m}x{k} by {self.out_features}): out of memory")
         return out
+
+    def forward_with_argmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, K) -> (M, N) float32 outputs and (M,) int64 index of each row's largest output (the lowest on ties,
+        -1 for a row holding NaN), found while the outputs are stored (greedy sampling without reading them back).
+
+        Raises:
+            ValueError: the layer's outputs are not float32, or x is not (M, K) with M >= 1.
+        """
+        if self.out_dtype != torch.float32:
+            raise ValueError(f"argmax needs float32 outputs, this layer gives {self.out_dtype}")
+        if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != self.in_features:
+            raise ValueError(f"input must be (M >= 1, {self.in_features}), got {tuple(x.shape)}")
+        if x.dtype not in _X_FLAGS or not x.is_contiguous():
+            x = x.float().contiguous()
+        m = x.shape[0]
+        out = torch.empty((m, self.out_features), dtype=torch.float32)  # (M, N)
+        index = torch.empty(m, dtype=torch.int64)  # (M,)
+        if self._kernel(self._address, x.data_ptr(), m, out.data_ptr(), _X_FLAGS[x.dtype] | _OUT_FLAGS[torch.float32],
+                        index.data_ptr()) != 0:
+            raise MemoryError(f"native linear ({m}x{x.shape[1]} by {self.out_features}): out of memory")
+        return out, index
 
     def _forward_any(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in _X_FLAGS:

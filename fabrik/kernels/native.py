@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY_NAME = "libfabrik_kernels.so"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 ISA_AVX512 = 1
 """AVX-512 F/BW/VL + BF16 + VNNI kernels (``isa`` field of the C layer descriptor)."""
@@ -66,7 +66,8 @@ class NativeLibrary:
     path: Path
     cdll: ctypes.CDLL
     linear_bf16: ctypes._CFuncPtr
-    """int (descriptor*, x*, M, out*, flags) -> 0, or -1 when out of memory."""
+    """int (descriptor*, x*, M, out*, flags, argmax*) -> 0, or -1 when out of memory; argmax: NULL, or (M,) int64 that
+    receives each row's argmax of a float32 out (lowest index on ties, -1 for a row with NaN)."""
     linear_int8: ctypes._CFuncPtr
     """Same signature as ``linear_bf16``, for int8-packed layers."""
     linear_int4: ctypes._CFuncPtr
@@ -163,7 +164,7 @@ def _load(path: Path) -> NativeLibrary:
     cdll = ctypes.CDLL(str(path))
     if cdll.fabrik_abi_version() != ABI_VERSION:
         raise KernelBuildError(f"{path} has ABI version {cdll.fabrik_abi_version()}, expected {ABI_VERSION}")
-    call = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+    call = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
     functions = {}
     for name in ("linear_bf16", "linear_int8", "linear_int4"):
         fn = getattr(cdll, f"fabrik_{name}")

@@ -132,3 +132,7 @@ class ScriptedForCausalLM(nn.Module):
         logits = torch.zeros(hidden.shape[0], self.config.vocab_size, dtype=torch.float32)  # (N, V)
         logits[torch.arange(hidden.shape[0]), ids] = self.logit_scale.float()
         return logits
+
+    def compute_logits_and_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """``compute_logits``; no argmax on the side (the sampler finds it)."""
+        return self.compute_logits(hidden), None

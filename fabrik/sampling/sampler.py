@@ -86,12 +86,15 @@ class Sampler:
         self.eos_token_ids = tuple(int(token_id) for token_id in eos_token_ids)
         self._argmax = argmax or _argmax
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 argmax: torch.Tensor | None = None) -> SamplerOutput:
         """Samples one token per row.
 
         Args:
             logits: (N, V) float32 logits, one row per entry of rows; not modified.
             rows: what to do with each row.
+            argmax: (N,) int64 each row's argmax of ``logits`` (-1 for a NaN row) when already known (an LM head
+                kernel's, found while writing them); used when ``takes_argmax(rows)``.
 
         Returns:
             The sampled token ids and, for rows that asked, their logprobs.
@@ -105,9 +108,9 @@ class Sampler:
             return SamplerOutput(token_ids=[], logprobs=[])
         if logits.dtype != torch.float32:  # the check is cheaper than a no-op float() call on each step
             logits = logits.float()
-        if all(row.params.is_greedy and row.params.logprobs is None and not self._modifies(row) for row in rows):
+        if self.takes_argmax(rows):
             # The common decode step: one pass over (N, V) (a separate NaN scan costs as much as the argmax).
-            token_ids = self._argmax(logits).tolist()
+            token_ids = (self._argmax(logits) if argmax is None else argmax).tolist()
             if -1 in token_ids:
                 raise ValueError(f"logits contain NaN in rows {[i for i, t in enumerate(token_ids) if t == -1]}")
             return SamplerOutput(token_ids=token_ids, logprobs=[None] * len(rows))
@@ -142,6 +145,10 @@ class Sampler:
             for i, entry in zip(logprob_rows, computed):
                 logprobs[i] = entry
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def takes_argmax(self, rows: Sequence[SamplingRow]) -> bool:
+        """Whether every row's token is the argmax of its raw logits (greedy, no logprobs, nothing applied)."""
+        return all(row.params.is_greedy and row.params.logprobs is None and not self._modifies(row) for row in rows)
 
     def _modifies(self, row: SamplingRow) -> bool:
         """Whether process_logits changes this row's logits."""

@@ -7,7 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define FABRIK_ABI_VERSION 6
+#define FABRIK_ABI_VERSION 7
 
 #define ISA_AVX512 1
 #define ISA_AVX2 2
@@ -29,9 +29,10 @@ typedef struct {
     int32_t group;      /* weights per quantization scale along K: 32 (int8, int4), 64 or 128 (int4) */
 } fabrik_linear;
 
-int fabrik_linear_bf16(const fabrik_linear *L, const void *x, int M, void *out, int flags);
-int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags);
-int fabrik_linear_int4(const fabrik_linear *L, const void *x, int M, void *out, int flags);
+/* argmax: NULL, or (M,) int64 that receives each row's argmax of a float32 out (linear.c, fabrik_linear_bf16). */
+int fabrik_linear_bf16(const fabrik_linear *L, const void *x, int M, void *out, int flags, int64_t *argmax);
+int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags, int64_t *argmax);
+int fabrik_linear_int4(const fabrik_linear *L, const void *x, int M, void *out, int flags, int64_t *argmax);
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;

@@ -171,9 +171,9 @@ static void attend_singles(const fabrik_model *M, const fabrik_layer *Ly, const 
 static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t *x, int T, uint16_t *out) {
     int flags = X_BF16 | OUT_BF16;
     double start = M->timings ? clock_s() : 0.0;
-    int rc = M->fmt == FMT_INT8   ? fabrik_linear_int8(L, x, T, out, flags)
-             : M->fmt == FMT_INT4 ? fabrik_linear_int4(L, x, T, out, flags)
-                                  : fabrik_linear_bf16(L, x, T, out, flags);
+    int rc = M->fmt == FMT_INT8   ? fabrik_linear_int8(L, x, T, out, flags, NULL)
+             : M->fmt == FMT_INT4 ? fabrik_linear_int4(L, x, T, out, flags, NULL)
+                                  : fabrik_linear_bf16(L, x, T, out, flags, NULL);
     if (M->timings) M->timings->linears += clock_s() - start;
     return rc;
 }

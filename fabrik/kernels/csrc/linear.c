@@ -85,7 +85,9 @@ INLINE512 void bf16_gemv_avx512(const fabrik_linear *L, const uint16_t *blk, con
     store16_avx512(L, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), out, flags, 0, n0);
 }
 
-T512 static void bf16_run_avx512(const fabrik_linear *L, const uint32_t *xp, int M, void *out, int flags) {
+/* lanes: NULL, or the argmax lanes (linear.h) of nthreads x M rows, folded as each thread stores its blocks. */
+T512 static void bf16_run_avx512(const fabrik_linear *L, const uint32_t *xp, int M, void *out, int flags,
+                                 lane_max *lanes) {
     const uint16_t *W = (const uint16_t *)L->weight;
     long block_elems = (long)ROWS * L->kp;
     int xs = L->kp / 2;
@@ -93,10 +95,13 @@ T512 static void bf16_run_avx512(const fabrik_linear *L, const uint32_t *xp, int
     {
         int b0, b1;
         thread_blocks(L->nblocks, &b0, &b1);
+        lane_max *mine = lanes ? lanes + (long)omp_get_thread_num() * M : NULL;
+        int folded = b0;
         for (int b = b0; b < b1; b++) {
             const uint16_t *blk = W + b * block_elems;
             if (M == 1) {
                 bf16_gemv_avx512(L, blk, xp, out, flags, b * ROWS);
+                fold_due_avx512(mine, (const float *)out, 1, L->n, &folded, b + 1, b1);
                 continue;
             }
             if (M >= 4 && b + 1 < b1) { /* two blocks at a time: ~10% more GFLOP/s from M = 8 up */
@@ -116,6 +121,7 @@ T512 static void bf16_run_avx512(const fabrik_linear *L, const uint32_t *xp, int
                     default: bf16_tile2_avx512(L, blk, block_elems, x, xs, 8, out, flags, m, b * ROWS, pf); break;
                     }
                 }
+                fold_due_avx512(mine, (const float *)out, M, L->n, &folded, b + 2, b1);
                 b++;
                 continue;
             }
@@ -132,6 +138,7 @@ T512 static void bf16_run_avx512(const fabrik_linear *L, const uint32_t *xp, int
                 default: bf16_tile_avx512(L, blk, x, xs, 8, out, flags, m, b * ROWS); break;
                 }
             }
+            fold_due_avx512(mine, (const float *)out, M, L->n, &folded, b + 1, b1);
         }
     }
 }
@@ -170,7 +177,8 @@ INLINE256 void bf16_tile_avx2(const fabrik_linear *L, const uint16_t *blk, const
     }
 }
 
-T256 static void bf16_run_avx2(const fabrik_linear *L, const float *xf, int M, void *out, int flags) {
+T256 static void bf16_run_avx2(const fabrik_linear *L, const float *xf, int M, void *out, int flags,
+                               lane_max *lanes) {
     const uint16_t *W = (const uint16_t *)L->weight;
     long block_elems = (long)ROWS * L->kp;
     int xs = L->kp;
@@ -178,6 +186,7 @@ T256 static void bf16_run_avx2(const fabrik_linear *L, const float *xf, int M, v
     {
         int b0, b1;
         thread_blocks(L->nblocks, &b0, &b1);
+        lane_max *mine = lanes ? lanes + (long)omp_get_thread_num() * M : NULL;
         for (int b = b0; b < b1; b++) {
             const uint16_t *blk = W + b * block_elems;
             for (int m = 0; m < M; m += 4) {
@@ -189,18 +198,47 @@ T256 static void bf16_run_avx2(const fabrik_linear *L, const float *xf, int M, v
                 default: bf16_tile_avx2(L, blk, x, xs, 4, out, flags, m, b * ROWS); break;
                 }
             }
+            if (mine) fold_outputs(mine, (const float *)out, M, L->n, b * ROWS, (b + 1) * ROWS);
         }
     }
 }
 
-/* y (M, N) = x (M, K) W^T + b for a bf16-packed layer. Returns 0, or -1 if out of memory. */
-int fabrik_linear_bf16(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
+lane_max *lanes_new(const fabrik_linear *L, int M) {
+    lane_max *lanes = (lane_max *)aligned_alloc(64, sizeof(lane_max) * L->nthreads * M);
+    if (lanes)
+        for (long i = 0; i < (long)L->nthreads * M; i++) {
+            for (int j = 0; j < ROWS; j++) lanes[i].best[j] = -INFINITY, lanes[i].at[j] = 0;
+            lanes[i].nan = 0;
+        }
+    return lanes;
+}
+
+/* argmax[m] = the first index of row m's maximum (0 for a row of -inf), or -1 when the row holds a NaN. */
+void lanes_argmax(const fabrik_linear *L, lane_max *lanes, int M, int64_t *argmax) {
+    for (int m = 0; m < M; m++) {
+        float best = -INFINITY;
+        int32_t at = 0, nan = 0;
+        for (int t = 0; t < L->nthreads; t++) {
+            const lane_max *s = lanes + (long)t * M + m;
+            nan |= s->nan;
+            for (int j = 0; j < ROWS; j++)
+                if (s->best[j] > best || (s->best[j] == best && s->at[j] < at)) best = s->best[j], at = s->at[j];
+        }
+        argmax[m] = nan ? -1 : at;
+    }
+}
+
+/* y (M, N) = x (M, K) W^T + b for a bf16-packed layer; with argmax (float32 out only), also each row's argmax
+ * (lanes_argmax). Returns 0, or -1 if out of memory. */
+int fabrik_linear_bf16(const fabrik_linear *L, const void *x, int M, void *out, int flags, int64_t *argmax) {
     int K = L->k, Kp = L->kp;
+    lane_max *lanes = NULL;
+    if (argmax && !(lanes = lanes_new(L, M))) return -1;
     if (L->isa == ISA_AVX512 && (flags & X_BF16) && K == Kp) {
-        bf16_run_avx512(L, (const uint32_t *)x, M, out, flags); /* already bf16 pairs: no copy */
+        bf16_run_avx512(L, (const uint32_t *)x, M, out, flags, lanes); /* already bf16 pairs: no copy */
     } else if (L->isa == ISA_AVX512) {
         uint16_t *xb = (uint16_t *)malloc((size_t)M * Kp * 2);
-        if (!xb) return -1;
+        if (!xb) return free(lanes), -1;
         for (int m = 0; m < M; m++) {
             uint16_t *row = xb + (long)m * Kp;
             if (flags & X_BF16)
@@ -209,18 +247,19 @@ int fabrik_linear_bf16(const fabrik_linear *L, const void *x, int M, void *out, 
                 for (int k = 0; k < K; k++) row[k] = f32_to_bf16(((const float *)x)[(long)m * K + k]);
             for (int k = K; k < Kp; k++) row[k] = 0;
         }
-        bf16_run_avx512(L, (const uint32_t *)xb, M, out, flags);
+        bf16_run_avx512(L, (const uint32_t *)xb, M, out, flags, lanes);
         free(xb);
     } else {
         float *xf = (float *)malloc((size_t)M * Kp * 4);
-        if (!xf) return -1;
+        if (!xf) return free(lanes), -1;
         for (int m = 0; m < M; m++) {
             for (int k = 0; k < K; k++) xf[(long)m * Kp + k] = load_x(x, flags, (long)m * K + k);
             for (int k = K; k < Kp; k++) xf[(long)m * Kp + k] = 0.0f;
         }
-        bf16_run_avx2(L, xf, M, out, flags);
+        bf16_run_avx2(L, xf, M, out, flags, lanes);
         free(xf);
     }
+    if (lanes) lanes_argmax(L, lanes, M, argmax), free(lanes);
     return 0;
 }
 

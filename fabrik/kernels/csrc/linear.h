@@ -72,6 +72,29 @@ static inline void prefetch_step(next_prefetch *p) {
         for (p->due += p->lines; p->due >= p->steps; p->due -= p->steps, p->at += 64) _mm_prefetch(p->at, _MM_HINT_T1);
 }
 
+/* Greedy sampling's argmax, folded into a float32 layer's output while each thread stores it: read back afterwards,
+ * the logits come from DRAM (the weight stream evicted them), ~100 us per 151,936-wide row. Per thread and row of x,
+ * lane j holds the largest output seen at n = j (mod 16), the first such n (strictly greater wins), and whether a NaN
+ * was seen; lanes_argmax merges the threads' lanes in block order, as argmax.c does within a row. */
+typedef struct {
+    float best[ROWS];
+    int32_t at[ROWS];
+    int32_t nan;
+    int32_t pad[15]; /* 192 bytes: the threads' lanes never share a cache line */
+} lane_max;
+
+/* Folds outputs [n0, n1) of rows 0..M-1 of out (float32, N wide) into lanes[0..M), scalar (AVX2 path). */
+static inline void fold_outputs(lane_max *lanes, const float *out, int M, int N, int n0, int n1) {
+    n1 = n1 < N ? n1 : N;
+    for (int m = 0; m < M; m++)
+        for (int n = n0; n < n1; n++) {
+            float v = out[(long)m * N + n];
+            lane_max *s = lanes + m;
+            if (v != v) s->nan = 1;
+            if (v > s->best[n % ROWS]) s->best[n % ROWS] = v, s->at[n % ROWS] = n;
+        }
+}
+
 #define T256 __attribute__((target("avx2,fma,f16c")))
 #define INLINE256 static inline __attribute__((always_inline, target("avx2,fma,f16c")))
 
@@ -85,5 +108,41 @@ INLINE512 void store16_avx512(const fabrik_linear *L, __m512 acc, void *out, int
     else
         _mm512_mask_storeu_ps((float *)out + idx, mask, acc);
 }
+
+/* The same with AVX-512, 16 outputs per step; n0 is a multiple of 16. */
+INLINE512 void fold_outputs_avx512(lane_max *lanes, const float *out, int M, int N, int n0, int n1) {
+    n1 = n1 < N ? n1 : N;
+    for (int m = 0; m < M; m++) {
+        lane_max *s = lanes + m;
+        __m512 bv = _mm512_loadu_ps(s->best);
+        __m512i bi = _mm512_loadu_si512(s->at);
+        __mmask16 nans = 0;
+        for (int n = n0; n < n1; n += ROWS) {
+            __mmask16 valid = (__mmask16)(n1 - n >= ROWS ? 0xffffu : (1u << (n1 - n)) - 1u);
+            __m512 v = _mm512_maskz_loadu_ps(valid, out + (long)m * N + n);
+            nans |= _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
+            __mmask16 gt = _mm512_mask_cmp_ps_mask(valid, v, bv, _CMP_GT_OQ);
+            bv = _mm512_mask_mov_ps(bv, gt, v);
+            bi = _mm512_mask_mov_epi32(bi, gt, _mm512_add_epi32(_mm512_set1_epi32(n),
+                                                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                                                  11, 12, 13, 14, 15)));
+        }
+        _mm512_storeu_ps(s->best, bv);
+        _mm512_storeu_si512(s->at, bi);
+        if (nans) s->nan = 1;
+    }
+}
+
+/* After block b_end - 1 of a thread's blocks [.., b1): folds the blocks stored since *from once 8 of them (128
+ * outputs a row, still in L1/L2) are waiting or the range ends; one fold per block cost int8's 16-row tiles ~4%. */
+INLINE512 void fold_due_avx512(lane_max *mine, const float *out, int M, int N, int *from, int b_end, int b1) {
+    if (mine && (b_end - *from >= 8 || b_end >= b1)) {
+        fold_outputs_avx512(mine, out, M, N, *from * ROWS, b_end * ROWS);
+        *from = b_end;
+    }
+}
+
+lane_max *lanes_new(const fabrik_linear *L, int M);
+void lanes_argmax(const fabrik_linear *L, lane_max *lanes, int M, int64_t *argmax);
 
 #endif

@@ -178,13 +178,14 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
 /* One run function per format, so that BITS is a literal inside the OpenMP region (an outlined region would
  * otherwise receive it as a runtime value and keep both formats' branches in the inner loop). */
 #define QUANT_RUN_AVX512(NAME, BITS, GS)                                                                              \
-    T512 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {                  \
+    T512 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags, lane_max *lanes) { \
         const uint8_t *W = (const uint8_t *)L->weight;                                                              \
         long block_bytes = (long)(L->kp / UNIT_K / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS);                        \
         _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
             int b0, b1;                                                                                             \
             thread_blocks(L->nblocks, &b0, &b1);                                                                    \
-            int tiles = (M + 5) / 6;                                                                                \
+            lane_max *mine = lanes ? lanes + (long)omp_get_thread_num() * M : NULL;                                 \
+            int tiles = (M + 5) / 6, folded = b0;                                                                   \
             for (int b = b0; b < b1; b++) {                                                                         \
                 const uint8_t *blk = W + b * block_bytes;                                                           \
                 const char *next = b + 1 < b1 ? (const char *)(blk + block_bytes) : NULL;                          \
@@ -199,6 +200,7 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
                     default: quant_tile_avx512(L, blk, qx, m, 6, out, flags, b * ROWS, BITS, GS, pf); break;    \
                     }                                                                                               \
                 }                                                                                                   \
+                fold_due_avx512(mine, (const float *)out, M, L->n, &folded, b + 1, b1);                             \
             }                                                                                                       \
         }                                                                                                           \
     }
@@ -273,12 +275,13 @@ INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const
 }
 
 #define QUANT_RUN_AVX2(NAME, BITS, GS)                                                                                \
-    T256 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags) {                  \
+    T256 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags, lane_max *lanes) { \
         const uint8_t *W = (const uint8_t *)L->weight;                                                              \
         long block_bytes = (long)(L->kp / UNIT_K / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS);                        \
         _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
             int b0, b1;                                                                                             \
             thread_blocks(L->nblocks, &b0, &b1);                                                                    \
+            lane_max *mine = lanes ? lanes + (long)omp_get_thread_num() * M : NULL;                                 \
             for (int b = b0; b < b1; b++) {                                                                         \
                 const uint8_t *blk = W + b * block_bytes;                                                           \
                 for (int m = 0; m < M; m += 2) {                                                                    \
@@ -287,6 +290,7 @@ INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const
                     else                                                                                            \
                         quant_tile_avx2(L, blk, qx, m, 2, out, flags, b * ROWS, BITS, GS);                          \
                 }                                                                                                   \
+                if (mine) fold_outputs(mine, (const float *)out, M, L->n, b * ROWS, (b + 1) * ROWS);                \
             }                                                                                                       \
         }                                                                                                           \
     }
@@ -296,16 +300,18 @@ QUANT_RUN_AVX2(int4_run_avx2, 4, 32)
 QUANT_RUN_AVX2(int4g64_run_avx2, 4, 64)
 QUANT_RUN_AVX2(int4g128_run_avx2, 4, 128)
 
-typedef void (*quant_run)(const fabrik_linear *, const quant_x *, int, void *, int);
+typedef void (*quant_run)(const fabrik_linear *, const quant_x *, int, void *, int, lane_max *);
 
-static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out, int flags, int bits) {
+static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out, int flags, int bits,
+                        int64_t *argmax) {
     int Kp = L->kp, G = Kp / GROUP;
     quant_x qx;
     qx.q = (int8_t *)malloc((size_t)M * Kp);
     qx.scale = (float *)malloc((size_t)M * G * 4);
     qx.corr = (int32_t *)malloc((size_t)M * G * 4);
+    lane_max *lanes = argmax ? lanes_new(L, M) : NULL;
     int rc = 0;
-    if (!qx.q || !qx.scale || !qx.corr) {
+    if (!qx.q || !qx.scale || !qx.corr || (argmax && !lanes)) {
         rc = -1;
     } else {
         quantize_x(L, x, flags, M, bits == 8 ? GROUP : L->group, bits == 8 ? 128 : 8, &qx); /* the weights' group */
@@ -314,21 +320,24 @@ static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out,
                         : L->group == 128 ? (avx512 ? int4g128_run_avx512 : int4g128_run_avx2)
                         : L->group == 64  ? (avx512 ? int4g64_run_avx512 : int4g64_run_avx2)
                                           : (avx512 ? int4_run_avx512 : int4_run_avx2);
-        run(L, &qx, M, out, flags);
+        run(L, &qx, M, out, flags, lanes);
+        if (lanes) lanes_argmax(L, lanes, M, argmax);
     }
+    free(lanes);
     free(qx.q);
     free(qx.scale);
     free(qx.corr);
     return rc;
 }
 
-/* y (M, N) = quant(x) (M, K) W^T + b for an int8-packed layer. Returns 0, or -1 if out of memory. */
-int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
-    return quant_linear(L, x, M, out, flags, 8);
+/* y (M, N) = quant(x) (M, K) W^T + b for an int8-packed layer, and the argmax as fabrik_linear_bf16's. Returns 0, or
+ * -1 if out of memory. */
+int fabrik_linear_int8(const fabrik_linear *L, const void *x, int M, void *out, int flags, int64_t *argmax) {
+    return quant_linear(L, x, M, out, flags, 8, argmax);
 }
 
 /* The same for an int4-packed layer. */
-int fabrik_linear_int4(const fabrik_linear *L, const void *x, int M, void *out, int flags) {
-    return quant_linear(L, x, M, out, flags, 4);
+int fabrik_linear_int4(const fabrik_linear *L, const void *x, int M, void *out, int flags, int64_t *argmax) {
+    return quant_linear(L, x, M, out, flags, 4, argmax);
 }
 
