@@ -158,6 +158,16 @@ def test_rejects_token_ids_outside_the_vocabulary(backend, qwen3_ckpt):
                    AttentionMetadata(torch.tensor([0]), (0, 1), (1,), pair.tables[:1].contiguous(), BLOCK))
 
 
+def test_rejects_positions_outside_the_rotary_tables(backend, qwen3_ckpt):
+    """The rotary rows are read by position from tables sized by the sequence lengths: a negative position, or one
+    past what the tables hold, is refused before any memory is read."""
+    pair = _Pair(qwen3_ckpt, backend)
+    meta = AttentionMetadata(torch.tensor([0]), (0, 1), (1,), pair.tables[:1].contiguous(), BLOCK)
+    for position in (-1, 1 << 20):
+        with pytest.raises(ValueError, match="position"):
+            pair.fused(torch.tensor([5]), torch.tensor([position]), pair.caches["fused"], meta)
+
+
 @pytest.mark.parametrize("kv", ["auto", "int8"])
 def test_engine_properties_hold_with_vector_attention(backend, vector_ckpt, kv):
     """The engine's properties with the AVX-512 decode kernel and the prefill tiles doing the attention (head_dim

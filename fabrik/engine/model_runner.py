@@ -126,7 +126,7 @@ class ModelRunner:
                                 output_token_ids=requests[rid].output_token_ids) for rid in sample_ids]
             argmax = None
             if self.sampler.takes_argmax(rows):
-                logits, argmax = self.model.compute_logits_and_argmax(sampling)  # (S, V) float32, (S,) or None
+                logits, argmax = self.model.compute_logits_and_argmax(sampling)  # (S, V) float32, S ids or None
             else:
                 logits = self.model.compute_logits(sampling)  # (S, V) float32
             result = self.sampler(logits, rows, argmax)

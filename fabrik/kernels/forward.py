@@ -12,6 +12,7 @@ are all ``NativeLinear`` modules of one format. Otherwise the model keeps its mo
 from __future__ import annotations
 
 import ctypes
+from array import array
 
 import torch
 from torch import nn
@@ -53,8 +54,8 @@ class _Batch(ctypes.Structure):
     """Mirror of ``fabrik_batch`` in csrc/forward.c."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "tokens", "cos", "sin", "slots", "query_start", "seq_lens", "block_tables")] + [
-        ("T", ctypes.c_int32), ("S", ctypes.c_int32), ("max_blocks", ctypes.c_int32)]
+        "tokens", "positions", "rope_cos", "rope_sin", "slots", "query_start", "seq_lens", "block_tables")] + [
+        (name, ctypes.c_int32) for name in ("T", "S", "max_blocks", "rope_rows")]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -182,16 +183,19 @@ class NativeForward:
         if meta.block_size != self._desc.block_size:
             raise ValueError(f"metadata block_size {meta.block_size} != cache block size {self._desc.block_size}")
         num_tokens = input_ids.shape[0]
-        cos, sin = self._rotary.cos_sin(positions, torch.bfloat16)  # (T, D) each
+        # The C side reads the rows of positions < max(seq_lens) (it checks each position against the tables).
+        cos, sin = self._rotary.tables(torch.bfloat16, max(meta.seq_lens, default=0))  # (n, D) each
         # The C side reads these as int64 arrays: the model runner's tensors already are, anything else is copied.
-        input_ids, slots, tables = (t if t.dtype == torch.int64 and t.is_contiguous() else
-                                    t.to(torch.int64).contiguous() for t in (input_ids, meta.slot_mapping,
-                                                                             meta.block_tables))
-        lengths = torch.tensor((*meta.query_start_loc, *meta.seq_lens), dtype=torch.int32)  # (S + 1 + S,)
-        num_seqs = len(meta.seq_lens)
-        batch = _Batch(tokens=input_ids.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), slots=slots.data_ptr(),
-                       query_start=lengths.data_ptr(), seq_lens=lengths.data_ptr() + 4 * (num_seqs + 1),
-                       block_tables=tables.data_ptr(), T=num_tokens, S=num_seqs, max_blocks=tables.shape[1])
+        input_ids, positions, slots, tables = (
+            t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+            for t in (input_ids, positions, meta.slot_mapping, meta.block_tables))
+        # A Python array, not a tensor: a torch call costs ~10-40 us with the caches cold after the previous step.
+        lengths = array("i", (*meta.query_start_loc, *meta.seq_lens))  # (S + 1 + S,) int32
+        num_seqs, lengths_at = len(meta.seq_lens), lengths.buffer_info()[0]
+        batch = _Batch(tokens=input_ids.data_ptr(), positions=positions.data_ptr(), rope_cos=cos.data_ptr(),
+                       rope_sin=sin.data_ptr(), slots=slots.data_ptr(), query_start=lengths_at,
+                       seq_lens=lengths_at + 4 * (num_seqs + 1), block_tables=tables.data_ptr(), T=num_tokens,
+                       S=num_seqs, max_blocks=tables.shape[1], rope_rows=cos.shape[0])
         out = torch.empty((num_tokens, self._hidden), dtype=torch.bfloat16)
         if num_tokens:
             rc = self._fn(self._address, ctypes.addressof(batch), out.data_ptr())
@@ -199,6 +203,8 @@ class NativeForward:
                 raise MemoryError(f"native forward of {num_tokens} tokens: out of memory")
             if rc == -3:
                 raise IndexError(f"a token id is outside the vocabulary ({self._desc.vocab})")
+            if rc == -4:
+                raise ValueError(f"a position is negative or not below the sequence lengths {meta.seq_lens}")
             if rc != 0:
                 raise RuntimeError(f"native forward failed with code {rc}")
         return out

@@ -30,6 +30,7 @@ exactly in int32.
 from __future__ import annotations
 
 import ctypes
+from array import array
 from collections.abc import Sequence
 
 import torch
@@ -301,9 +302,9 @@ class NativeLinear(nn.Module):
             raise MemoryError(f"native linear ({m}x{k} by {self.out_features}): out of memory")
         return out
 
-    def forward_with_argmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, K) -> (M, N) float32 outputs and (M,) int64 index of each row's largest output (the lowest on ties,
-        -1 for a row holding NaN), found while the outputs are stored (greedy sampling without reading them back).
+    def forward_with_argmax(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(M, K) -> (M, N) float32 outputs and each row's index of its largest output (the lowest on ties, -1 for a
+        row holding NaN), found while the outputs are stored (greedy sampling without reading them back).
 
         Raises:
             ValueError: the layer's outputs are not float32, or x is not (M, K) with M >= 1.
@@ -316,11 +317,11 @@ class NativeLinear(nn.Module):
             x = x.float().contiguous()
         m = x.shape[0]
         out = torch.empty((m, self.out_features), dtype=torch.float32)  # (M, N)
-        index = torch.empty(m, dtype=torch.int64)  # (M,)
+        index = array("q", bytes(8 * m))  # (M,): a Python array, no torch call (~10-40 us each with cold caches)
         if self._kernel(self._address, x.data_ptr(), m, out.data_ptr(), _X_FLAGS[x.dtype] | _OUT_FLAGS[torch.float32],
-                        index.data_ptr()) != 0:
+                        index.buffer_info()[0]) != 0:
             raise MemoryError(f"native linear ({m}x{x.shape[1]} by {self.out_features}): out of memory")
-        return out, index
+        return out, index.tolist()
 
     def _forward_any(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in _X_FLAGS:

@@ -146,9 +146,9 @@ class DecoderForCausalLM(nn.Module):
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (vocab, hidden)
         return F.linear(hidden, weight).float()  # (N, vocab)
 
-    def compute_logits_and_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``compute_logits``, and (N,) int64 each row's argmax (lowest id on ties, -1 for a NaN row) when the LM head
-        kernel finds it while it writes the logits (greedy sampling then reads none of them back); else None."""
+    def compute_logits_and_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        """``compute_logits``, and each row's argmax (lowest id on ties, -1 for a NaN row) when the LM head kernel
+        finds it while it writes the logits (greedy sampling then reads none of them back); else None."""
         with_argmax = getattr(self.lm_head_kernel, "forward_with_argmax", None)
         if with_argmax is not None and hidden.shape[0] > 0:
             return with_argmax(hidden)  # (N, vocab) float32, (N,)

@@ -51,8 +51,8 @@ class RotaryEmbedding:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (cos, sin), each (T, D), for the given (T,) non-negative positions, in ``dtype``.
 
-        Rows of per-dtype tables of positions 0..n-1, grown (doubling) when a later position comes: computed per step,
-        the eight small torch ops took ~165 us of a decode step (caches cold after the forward), the lookup two.
+        Rows of ``tables``: computed per step, the eight small torch ops took ~165 us of a decode step (caches cold
+        after the forward), the lookup two.
         """
         tables = self._tables.get(dtype)
         if tables is not None:
@@ -62,12 +62,20 @@ class RotaryEmbedding:
                 pass
         if positions.numel() and int(positions.min()) < 0:
             raise ValueError(f"negative position {int(positions.min())}")
-        size = tables[0].shape[0] if tables is not None else 0
-        size = max(2 * size, int(positions.max()) + 1 if positions.numel() else 0, 256)
+        cos, sin = self.tables(dtype, int(positions.max()) + 1 if positions.numel() else 0)
+        return cos.index_select(0, positions), sin.index_select(0, positions)
+
+    def tables(self, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) tables of positions 0..n-1 with n >= rows, each (n, D) in ``dtype``, grown (doubling) when a
+        later position comes; the same tensors until they grow."""
+        tables = self._tables.get(dtype)
+        if tables is not None and tables[0].shape[0] >= rows:
+            return tables
+        size = max(2 * tables[0].shape[0] if tables is not None else 0, rows, 256)
         freqs = torch.arange(size, dtype=torch.float32)[:, None] * self.inv_freq[None, :]  # (n, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (n, D)
-        cos, sin = self._tables[dtype] = (emb.cos().to(dtype), emb.sin().to(dtype))
-        return cos.index_select(0, positions), sin.index_select(0, positions)
+        tables = self._tables[dtype] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return tables
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:

@@ -87,14 +87,14 @@ class Sampler:
         self._argmax = argmax or _argmax
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
-                 argmax: torch.Tensor | None = None) -> SamplerOutput:
+                 argmax: Sequence[int] | None = None) -> SamplerOutput:
         """Samples one token per row.
 
         Args:
             logits: (N, V) float32 logits, one row per entry of rows; not modified.
             rows: what to do with each row.
-            argmax: (N,) int64 each row's argmax of ``logits`` (-1 for a NaN row) when already known (an LM head
-                kernel's, found while writing them); used when ``takes_argmax(rows)``.
+            argmax: each row's argmax of ``logits`` (-1 for a NaN row) when already known (an LM head kernel's, found
+                while writing them); used when ``takes_argmax(rows)``.
 
         Returns:
             The sampled token ids and, for rows that asked, their logprobs.
@@ -110,7 +110,7 @@ class Sampler:
             logits = logits.float()
         if self.takes_argmax(rows):
             # The common decode step: one pass over (N, V) (a separate NaN scan costs as much as the argmax).
-            token_ids = (self._argmax(logits) if argmax is None else argmax).tolist()
+            token_ids = self._argmax(logits).tolist() if argmax is None else list(argmax)
             if -1 in token_ids:
                 raise ValueError(f"logits contain NaN in rows {[i for i, t in enumerate(token_ids) if t == -1]}")
             return SamplerOutput(token_ids=token_ids, logprobs=[None] * len(rows))

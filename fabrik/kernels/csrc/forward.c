@@ -62,12 +62,13 @@ typedef struct {
 
 typedef struct {
     const int64_t *tokens;       /* (T,) */
-    const uint16_t *cos, *sin;   /* (T, head_dim) bf16 */
+    const int64_t *positions;    /* (T,) each token's position in its sequence */
+    const uint16_t *rope_cos, *rope_sin; /* (rope_rows, head_dim) bf16: the rotary tables, one row per position */
     const int64_t *slots;        /* (T,) cache slot of each token's K/V */
     const int32_t *query_start;  /* (S + 1,) offsets of each sequence's tokens in the batch */
     const int32_t *seq_lens;     /* (S,) KV length after this step */
     const int64_t *block_tables; /* (S, max_blocks) */
-    int32_t T, S, max_blocks;
+    int32_t T, S, max_blocks, rope_rows;
 } fabrik_batch;
 
 static void rmsnorm_rows(const fabrik_model *M, uint16_t *x, const uint16_t *y, const uint16_t *w, int T,
@@ -187,7 +188,7 @@ static int layer_forward(const fabrik_model *M, const fabrik_layer *Ly, const fa
     double start = M->timings ? clock_s() : 0.0;
 #pragma omp parallel for num_threads(M->nthreads) if (T >= 4) schedule(static)
     for (int t = 0; t < T; t++) {
-        const uint16_t *cos = B->cos + (long)t * D, *sin = B->sin + (long)t * D;
+        const uint16_t *cos = B->rope_cos + B->positions[t] * D, *sin = B->rope_sin + B->positions[t] * D;
         uint16_t *q = qkv + t * qkv_row, *k = q + q_row, *v = k + kv_row;
         for (int hh = 0; hh < Hq; hh++) fabrik_norm_rope_head(q + (long)hh * D, Ly->q_norm, M->eps, cos, sin, D);
         for (int hh = 0; hh < Hkv; hh++) fabrik_norm_rope_head(k + (long)hh * D, Ly->k_norm, M->eps, cos, sin, D);
@@ -225,6 +226,8 @@ static int forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) 
         return -2;
     for (int t = 0; t < T; t++)
         if (B->tokens[t] < 0 || B->tokens[t] >= M->vocab) return -3;
+    for (int t = 0; t < T; t++)
+        if (B->positions[t] < 0 || B->positions[t] >= B->rope_rows) return -4;
     long qd = (long)M->n_heads * M->head_dim, kd = (long)M->n_kv_heads * M->head_dim, I = M->intermediate;
     long elems = (long)T * (2 * H + (qd + 2 * kd) + qd + 3 * I);
     uint16_t *work = (uint16_t *)malloc((size_t)elems * 2 + (size_t)T * 24 + 8);
@@ -248,7 +251,7 @@ static int forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) 
 
 /* Runs the batch through every layer and the final norm: out (T, hidden) bf16. Returns 0, -1 when out of memory,
  * -2 when the model's shape is beyond the fixed limits (MAX_GROUP query heads per KV head, MAX_HEAD_DIM), -3 when a
- * token id is outside the vocabulary. */
+ * token id is outside the vocabulary, -4 when a position is outside the rotary tables. */
 int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) {
     double start = M->timings ? clock_s() : 0.0;
     int rc = forward(M, B, out);
