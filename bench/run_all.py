@@ -514,9 +514,9 @@ def render(results: dict[str, Any], plots: list[Path]) -> str:
         lines += [
             "", "### Where a fabrik decode step goes", "",
             "`fabrik bench latency --split` (the same runs): mean milliseconds per decode step, from the native "
-            "forward's own timers and the LM head call's. *Outside the matmuls* = step less the linears and the LM "
-            "head (attention with its per-head norms, rotary and K/V stores; RMSNorms, SiLU-and-multiply; the engine's "
-            "Python and sampling).", "",
+            "forward's own timers (the LM head runs in the same call). *Outside the matmuls* = step less the linears "
+            "and the LM head (attention with its per-head norms, rotary and K/V stores; RMSNorms, SiLU-and-multiply; "
+            "the engine's Python and sampling).", "",
             "| round | weights | batch | step | linears | LM head | attention | other forward | outside the forward "
             "| outside the matmuls |",
             "|---|---|---|---|---|---|---|---|---|---|"]

@@ -158,6 +158,29 @@ def test_rejects_token_ids_outside_the_vocabulary(backend, qwen3_ckpt):
                    AttentionMetadata(torch.tensor([0]), (0, 1), (1,), pair.tables[:1].contiguous(), BLOCK))
 
 
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_lm_head_in_the_forward_call(backend, qwen3_ckpt, quantization):
+    """forward_logits runs the LM head on the chosen rows in the forward's own call: the hidden states, logits and
+    argmax are the bits of the forward, then the head on those rows (all rows, some, one; int4 models have an int8
+    head); a row outside the batch is refused."""
+    pair = _Pair(qwen3_ckpt, backend, quantization)
+    native, head = pair.fused.native_forward, pair.fused.lm_head_kernel
+    assert native.has_head
+    ids = _tokens(11, 3)
+    meta = AttentionMetadata(torch.tensor([int(pair.tables[0][p // BLOCK]) * BLOCK + p % BLOCK for p in range(11)]),
+                             (0, 11), (11,), pair.tables[:1].contiguous(), BLOCK)
+    with torch.inference_mode():
+        for rows, argmax in ((list(range(11)), True), ([3, 10], True), ([10], False)):
+            hidden, logits, index = native.forward_logits(torch.tensor(ids), torch.arange(11), pair.caches["fused"],
+                                                          meta, rows, argmax)
+            alone = native(torch.tensor(ids), torch.arange(11), pair.caches["fused"], meta)
+            assert torch.equal(hidden, alone)
+            expected, expected_index = head.forward_with_argmax(alone[rows].contiguous())
+            assert torch.equal(logits, expected) and index == (expected_index if argmax else None)
+        with pytest.raises(ValueError, match="rows"):
+            native.forward_logits(torch.tensor(ids), torch.arange(11), pair.caches["fused"], meta, [11], True)
+
+
 def test_rejects_positions_outside_the_rotary_tables(backend, qwen3_ckpt):
     """The rotary rows are read by position from tables sized by the sequence lengths: a negative position, or one
     past what the tables hold, is refused before any memory is read."""

@@ -1,18 +1,18 @@
 """Where a decode step's time goes (``fabrik bench latency --split``): the matmuls, the attention, the rest.
 
-The native forward times its own parts (``NativeForward.enable_timings``: the projections, and the attention with its
-per-head norms, rotary and K/V stores); the LM head call is timed here. Per decode step::
+The native forward times its own parts (``NativeForward.enable_timings``: the projections, the attention with its
+per-head norms, rotary and K/V stores, and the LM head it runs in the same call). Per decode step::
 
     step = linears + attention + other forward (RMSNorms, SiLU-and-multiply, embedding rows, buffers)
-         + LM head (the call, its ~20 us of Python included) + outside the forward (scheduler, inputs, sampling, Python)
+         + LM head (with the gather of its rows) + outside the forward (scheduler, inputs, sampling, Python)
 
 and the share outside the matmuls is ``(step - linears - LM head) / step``.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
+
 
 class StepSplit:
     """Cumulative seconds of the native forward's parts and of the LM head, read before and after each step."""
@@ -20,25 +20,15 @@ class StepSplit:
     def __init__(self, engine: Any) -> None:
         model = engine.runner.model
         self._forward = getattr(model, "native_forward", None)
-        if self._forward is None:
-            raise ValueError("--split needs the native forward (a bfloat16 or quantized model on the native kernels)")
+        if self._forward is None or not self._forward.has_head:
+            raise ValueError("--split needs the native forward with its LM head (a bfloat16 or quantized model on the "
+                             "native kernels)")
         self._forward.enable_timings()
-        self._head_s = 0.0
-        head = model.compute_logits
-
-        def timed_head(hidden):
-            start = time.perf_counter()
-            try:
-                return head(hidden)
-            finally:
-                self._head_s += time.perf_counter() - start
-
-        model.compute_logits = timed_head  # this engine is the benchmark's own
 
     def read(self) -> tuple[float, ...]:
-        """Seconds so far: (linears, attention, whole forward, LM head)."""
+        """Seconds so far: (linears, attention, whole forward without the LM head, LM head)."""
         t = self._forward.timings()
-        return t["linears"], t["attention"], t["total"], self._head_s
+        return t["linears"], t["attention"], t["total"] - t["head"], t["head"]
 
 
 def summarize_split(steps: list[tuple[float, ...]]) -> dict[str, float] | None:

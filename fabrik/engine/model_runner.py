@@ -114,21 +114,17 @@ class ModelRunner:
             block_tables=torch.tensor(table_rows, dtype=torch.int64),  # (S, max_blocks), zero-padded
             block_size=bs,
         )
-        hidden = self.model(ids_t, positions_t, self.kv_caches, meta)  # (T, H)
+        rows = [SamplingRow(params=requests[rid].sampling_params, generator=generators.get(rid),
+                            prompt_token_ids=requests[rid].prompt_token_ids,
+                            output_token_ids=requests[rid].output_token_ids) for rid in sample_ids]
+        # The LM head runs on the sampled rows only, in the forward's own call where the model can.
+        hidden, logits, argmax = self.model.forward_and_logits(
+            ids_t, positions_t, self.kv_caches, meta, sample_idx, bool(rows) and self.sampler.takes_argmax(rows))
+        # hidden (T, H); logits (S, V) float32 or None; argmax: S ids when the LM head found them, else None
 
         sampled: dict[str, int] = {}
         logprobs: dict[str, TokenLogprob] = {}
-        if sample_idx:
-            # Every row samples in a decode-only step: no gather then.
-            sampling = hidden if len(sample_idx) == hidden.shape[0] else hidden[sample_idx]  # (S, H)
-            rows = [SamplingRow(params=requests[rid].sampling_params, generator=generators.get(rid),
-                                prompt_token_ids=requests[rid].prompt_token_ids,
-                                output_token_ids=requests[rid].output_token_ids) for rid in sample_ids]
-            argmax = None
-            if self.sampler.takes_argmax(rows):
-                logits, argmax = self.model.compute_logits_and_argmax(sampling)  # (S, V) float32, S ids or None
-            else:
-                logits = self.model.compute_logits(sampling)  # (S, V) float32
+        if logits is not None:
             result = self.sampler(logits, rows, argmax)
             for rid, token, lp in zip(sample_ids, result.token_ids, result.logprobs):
                 sampled[rid] = token

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 from array import array
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -46,16 +47,17 @@ class _Model(ctypes.Structure):
 class _Timings(ctypes.Structure):
     """Mirror of ``fabrik_timings`` in csrc/forward.c."""
 
-    _fields_ = [("linears", ctypes.c_double), ("attention", ctypes.c_double), ("total", ctypes.c_double),
-                ("calls", ctypes.c_int64)]
+    _fields_ = [("linears", ctypes.c_double), ("attention", ctypes.c_double), ("head", ctypes.c_double),
+                ("total", ctypes.c_double), ("calls", ctypes.c_int64)]
 
 
 class _Batch(ctypes.Structure):
     """Mirror of ``fabrik_batch`` in csrc/forward.c."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "tokens", "positions", "rope_cos", "rope_sin", "slots", "query_start", "seq_lens", "block_tables")] + [
-        (name, ctypes.c_int32) for name in ("T", "S", "max_blocks", "rope_rows")]
+        "tokens", "positions", "rope_cos", "rope_sin", "slots", "query_start", "seq_lens", "block_tables", "head",
+        "logit_rows", "logits", "argmax")] + [
+        (name, ctypes.c_int32) for name in ("T", "S", "max_blocks", "rope_rows", "n_logits", "head_fmt")]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -96,7 +98,8 @@ def native_forward_unsupported(model: nn.Module) -> str | None:
 
 
 class NativeForward:
-    """Runs a ``DecoderForCausalLM``'s layers and final norm natively; called like its ``forward``.
+    """Runs a ``DecoderForCausalLM``'s layers and final norm natively; called like its ``forward``, or with the LM head
+    in the same call (``forward_logits``) when the model's ``lm_head_kernel`` is a native float32 layer.
 
     Keeps the model's modules (they own the packed weights and norm weights the descriptors point at) and rebinds
     the KV cache pointers whenever it is handed a different list of cache tensors.
@@ -135,6 +138,10 @@ class NativeForward:
             nthreads=num_threads, eps=config.rms_norm_eps, scale=config.head_dim**-0.5)
         self._address = ctypes.addressof(self._desc)
         self._hidden = config.hidden_size
+        head = getattr(model, "lm_head_kernel", None)
+        self._head: NativeLinear | None = None
+        if isinstance(head, NativeLinear) and head.out_dtype == torch.float32 and head.in_features == self._hidden:
+            self._head = head
         self._caches: list[torch.Tensor] | None = None
         self._timings: _Timings | None = None
 
@@ -145,11 +152,17 @@ class NativeForward:
 
     def timings(self) -> dict[str, float | int]:
         """Seconds of the calls since ``enable_timings``: "linears" (the projections), "attention" (with the per-head
-        norms, rotary and K/V stores), "total" (whole calls), and the number of "calls"."""
+        norms, rotary and K/V stores), "head" (the LM head of ``forward_logits``), "total" (whole calls), and the
+        number of "calls"."""
         if self._timings is None:
             raise RuntimeError("enable_timings was not called")
         t = self._timings
-        return {"linears": t.linears, "attention": t.attention, "total": t.total, "calls": t.calls}
+        return {"linears": t.linears, "attention": t.attention, "head": t.head, "total": t.total, "calls": t.calls}
+
+    @property
+    def has_head(self) -> bool:
+        """Whether ``forward_logits`` can run the LM head in the native call."""
+        return self._head is not None
 
     def _bind(self, kv_caches: list[torch.Tensor]) -> None:
         if len(kv_caches) != len(self._layers):
@@ -178,6 +191,26 @@ class NativeForward:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  meta: AttentionMetadata) -> torch.Tensor:
         """Same contract as ``DecoderForCausalLM.forward``: (T,) ids and positions in, (T, hidden) bf16 out."""
+        return self._run(input_ids, positions, kv_caches, meta, None, False)[0]
+
+    def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                       meta: AttentionMetadata, rows: Sequence[int],
+                       argmax: bool) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
+        """``__call__`` and the LM head on ``rows`` of its output in one native call: (T, hidden) bf16 hidden states,
+        (len(rows), vocab) float32 logits, and with ``argmax`` each logits row's argmax (as
+        ``NativeLinear.forward_with_argmax``), else None.
+
+        Raises:
+            ValueError: the model's LM head is not a native float32 layer (``has_head``), or a row is not a row of
+                the batch; and whatever ``__call__`` raises.
+        """
+        if self._head is None:
+            raise ValueError("this model's LM head does not run in the native forward")
+        return self._run(input_ids, positions, kv_caches, meta, rows, argmax)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+             meta: AttentionMetadata, rows: Sequence[int] | None,
+             argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[int] | None]:
         if kv_caches is not self._caches:
             self._bind(kv_caches)
         if meta.block_size != self._desc.block_size:
@@ -197,6 +230,15 @@ class NativeForward:
                        seq_lens=lengths_at + 4 * (num_seqs + 1), block_tables=tables.data_ptr(), T=num_tokens,
                        S=num_seqs, max_blocks=tables.shape[1], rope_rows=cos.shape[0])
         out = torch.empty((num_tokens, self._hidden), dtype=torch.bfloat16)
+        logits = index = None
+        if rows is not None:
+            head = self._head
+            row_ids = array("i", rows)  # kept alive through the call, as `lengths`
+            logits = torch.empty((len(row_ids), head.out_features), dtype=torch.float32)  # (R, vocab)
+            index = array("q", bytes(8 * len(row_ids))) if argmax else None
+            batch.head, batch.head_fmt, batch.n_logits = head._address, FMT_CODES[head.fmt], len(row_ids)
+            batch.logit_rows, batch.logits = row_ids.buffer_info()[0], logits.data_ptr()
+            batch.argmax = index.buffer_info()[0] if index is not None else None
         if num_tokens:
             rc = self._fn(self._address, ctypes.addressof(batch), out.data_ptr())
             if rc == -1:
@@ -205,6 +247,10 @@ class NativeForward:
                 raise IndexError(f"a token id is outside the vocabulary ({self._desc.vocab})")
             if rc == -4:
                 raise ValueError(f"a position is negative or not below the sequence lengths {meta.seq_lens}")
+            if rc == -5:
+                raise ValueError(f"logit rows {list(rows or ())} are not all rows of the {num_tokens}-token batch")
             if rc != 0:
                 raise RuntimeError(f"native forward failed with code {rc}")
-        return out
+        elif rows:
+            raise ValueError(f"logit rows {list(rows)} are not all rows of the 0-token batch")
+        return out, logits, index.tolist() if index is not None else None

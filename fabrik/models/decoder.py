@@ -6,7 +6,7 @@ keys are the module's state_dict keys with no renaming.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +145,27 @@ class DecoderForCausalLM(nn.Module):
             return self.lm_head_kernel(hidden)  # (N, vocab) float32
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (vocab, hidden)
         return F.linear(hidden, weight).float()  # (N, vocab)
+
+    def forward_and_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                           attn_metadata: AttentionMetadata, rows: Sequence[int],
+                           argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[int] | None]:
+        """``forward``, then the logits of its hidden ``rows`` (ascending) and, with ``argmax``, each logits row's
+        argmax when the LM head finds it in passing (``compute_logits_and_argmax``); one native call when the native
+        forward runs the LM head too (the Python between two calls starts with cold caches, ~0.2 ms a step).
+
+        Returns:
+            (T, hidden) hidden states, (len(rows), vocab) float32 logits (None without rows), the argmax or None.
+        """
+        native = self.native_forward
+        if rows and getattr(native, "has_head", False):
+            return native.forward_logits(input_ids, positions, kv_caches, attn_metadata, rows, argmax)  # type: ignore
+        hidden = self(input_ids, positions, kv_caches, attn_metadata)  # (T, hidden)
+        if not rows:
+            return hidden, None, None
+        picked = hidden if len(rows) == hidden.shape[0] else hidden[list(rows)]  # (R, hidden)
+        if argmax:
+            return hidden, *self.compute_logits_and_argmax(picked)
+        return hidden, self.compute_logits(picked), None
 
     def compute_logits_and_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
         """``compute_logits``, and each row's argmax (lowest id on ties, -1 for a NaN row) when the LM head kernel

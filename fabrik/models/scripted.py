@@ -22,6 +22,8 @@ ids and predictions travel as base-16 digits, exact in bfloat16 too::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -133,6 +135,9 @@ class ScriptedForCausalLM(nn.Module):
         logits[torch.arange(hidden.shape[0]), ids] = self.logit_scale.float()
         return logits
 
-    def compute_logits_and_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """``compute_logits``; no argmax on the side (the sampler finds it)."""
-        return self.compute_logits(hidden), None
+    def forward_and_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                           attn_metadata: AttentionMetadata, rows: Sequence[int],
+                           argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        """``forward`` and the logits of its ``rows`` (None without rows); no argmax on the side (the sampler's)."""
+        hidden = self(input_ids, positions, kv_caches, attn_metadata)
+        return hidden, self.compute_logits(hidden[list(rows)]) if rows else None, None

@@ -40,6 +40,7 @@ typedef struct {
 typedef struct {
     double linears;   /* the projections: [q | k | v], o, [gate | up], down */
     double attention; /* per-head norms, rotary, K/V stores and paged attention */
+    double head;      /* the LM head (with the gather of its rows) */
     double total;     /* whole calls: the above, the RMSNorms, SiLU-and-multiply, embedding rows, buffers */
     int64_t calls;
 } fabrik_timings;
@@ -68,7 +69,13 @@ typedef struct {
     const int32_t *query_start;  /* (S + 1,) offsets of each sequence's tokens in the batch */
     const int32_t *seq_lens;     /* (S,) KV length after this step */
     const int64_t *block_tables; /* (S, max_blocks) */
-    int32_t T, S, max_blocks, rope_rows;
+    /* The LM head on rows logit_rows of the output, in the same call (NULL head: none): the Python between two calls
+     * that each stream the weights starts with cold caches, ~0.2 ms a step. */
+    const fabrik_linear *head;
+    const int32_t *logit_rows; /* (n_logits,) rows of the output, in order */
+    float *logits;             /* (n_logits, vocab) float32 */
+    int64_t *argmax;           /* (n_logits,) each row's argmax (fabrik_linear_bf16), or NULL */
+    int32_t T, S, max_blocks, rope_rows, n_logits, head_fmt;
 } fabrik_batch;
 
 static void rmsnorm_rows(const fabrik_model *M, uint16_t *x, const uint16_t *y, const uint16_t *w, int T,
@@ -169,13 +176,30 @@ static void attend_singles(const fabrik_model *M, const fabrik_layer *Ly, const 
     }
 }
 
+static int run_linear(int fmt, const fabrik_linear *L, const uint16_t *x, int T, void *out, int flags, int64_t *argmax) {
+    return fmt == FMT_INT8   ? fabrik_linear_int8(L, x, T, out, flags, argmax)
+           : fmt == FMT_INT4 ? fabrik_linear_int4(L, x, T, out, flags, argmax)
+                             : fabrik_linear_bf16(L, x, T, out, flags, argmax);
+}
+
 static int linear(const fabrik_model *M, const fabrik_linear *L, const uint16_t *x, int T, uint16_t *out) {
-    int flags = X_BF16 | OUT_BF16;
     double start = M->timings ? clock_s() : 0.0;
-    int rc = M->fmt == FMT_INT8   ? fabrik_linear_int8(L, x, T, out, flags, NULL)
-             : M->fmt == FMT_INT4 ? fabrik_linear_int4(L, x, T, out, flags, NULL)
-                                  : fabrik_linear_bf16(L, x, T, out, flags, NULL);
+    int rc = run_linear(M->fmt, L, x, T, out, X_BF16 | OUT_BF16, NULL);
     if (M->timings) M->timings->linears += clock_s() - start;
+    return rc;
+}
+
+/* logits (n, vocab) float32 = the LM head on rows logit_rows of the final hidden states h (T, hidden) bf16. */
+static int lm_head(const fabrik_model *M, const fabrik_batch *B, const uint16_t *h) {
+    double start = M->timings ? clock_s() : 0.0;
+    int n = B->n_logits, H = M->hidden, all = n == B->T;
+    for (int i = 0; all && i < n; i++) all = B->logit_rows[i] == i;
+    uint16_t *rows = all ? NULL : (uint16_t *)malloc((size_t)n * H * 2);
+    if (!all && !rows) return -1;
+    for (int i = 0; !all && i < n; i++) memcpy(rows + (long)i * H, h + (long)B->logit_rows[i] * H, (size_t)H * 2);
+    int rc = run_linear(B->head_fmt, B->head, all ? h : rows, n, B->logits, X_BF16, B->argmax);
+    free(rows);
+    if (M->timings) M->timings->head += clock_s() - start;
     return rc;
 }
 
@@ -228,6 +252,8 @@ static int forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) 
         if (B->tokens[t] < 0 || B->tokens[t] >= M->vocab) return -3;
     for (int t = 0; t < T; t++)
         if (B->positions[t] < 0 || B->positions[t] >= B->rope_rows) return -4;
+    for (int i = 0; B->head && i < B->n_logits; i++)
+        if (B->logit_rows[i] < 0 || B->logit_rows[i] >= T) return -5;
     long qd = (long)M->n_heads * M->head_dim, kd = (long)M->n_kv_heads * M->head_dim, I = M->intermediate;
     long elems = (long)T * (2 * H + (qd + 2 * kd) + qd + 3 * I);
     uint16_t *work = (uint16_t *)malloc((size_t)elems * 2 + (size_t)T * 24 + 8);
@@ -246,12 +272,14 @@ static int forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) 
         rc = layer_forward(M, &M->layers[i], B, &w, x, h, qkv, a, gu, act, i ? h : NULL);
     if (rc == 0) rmsnorm_rows(M, x, M->n_layers ? h : NULL, M->final_norm, T, out);
     free(work);
+    if (rc == 0 && B->head && B->n_logits > 0) rc = lm_head(M, B, out);
     return rc;
 }
 
-/* Runs the batch through every layer and the final norm: out (T, hidden) bf16. Returns 0, -1 when out of memory,
- * -2 when the model's shape is beyond the fixed limits (MAX_GROUP query heads per KV head, MAX_HEAD_DIM), -3 when a
- * token id is outside the vocabulary, -4 when a position is outside the rotary tables. */
+/* Runs the batch through every layer and the final norm: out (T, hidden) bf16, then the batch's LM head rows if it
+ * has a head. Returns 0, -1 when out of memory, -2 when the model's shape is beyond the fixed limits (MAX_GROUP query
+ * heads per KV head, MAX_HEAD_DIM), -3 when a token id is outside the vocabulary, -4 when a position is outside the
+ * rotary tables, -5 when a logit row is not a row of the batch. */
 int fabrik_forward(const fabrik_model *M, const fabrik_batch *B, uint16_t *out) {
     double start = M->timings ? clock_s() : 0.0;
     int rc = forward(M, B, out);
