@@ -172,5 +172,5 @@ class DecoderForCausalLM(nn.Module):
         finds it while it writes the logits (greedy sampling then reads none of them back); else None."""
         with_argmax = getattr(self.lm_head_kernel, "forward_with_argmax", None)
         if with_argmax is not None and hidden.shape[0] > 0:
-            return with_argmax(hidden)  # (N, vocab) float32, (N,)
+            return with_argmax(hidden)  # (N, vocab) float32, N ids
         return self.compute_logits(hidden), None
