@@ -385,13 +385,17 @@ def test_linear_argmax_in_passing(native, fmt, n):
         native.linear(w, None, quantization).forward_with_argmax(x)
 
 
-def test_greedy_steps_take_the_lm_heads_argmax(qwen3_ckpt):
+@pytest.mark.parametrize("dtype,quantization", [("bfloat16", None), ("float32", "int8")])
+def test_greedy_steps_take_the_lm_heads_argmax(qwen3_ckpt, dtype, quantization):
     """Greedy rows sample the LM head kernel's argmax (the sampler's own is never called) and get the tokens the
-    sampler's full path picks from the same logits (asking for logprobs takes that path)."""
+    sampler's full path picks from the same logits (asking for logprobs takes that path): with the head in the native
+    forward's call (bf16), and beside the module-by-module forward (a float32 model with int8 linears)."""
     backend = select_backend("auto")
     if backend.name == "torch":
         pytest.skip("no native kernels on this CPU")
-    llm = LLM(str(qwen3_ckpt), dtype="bfloat16", kv_cache_memory_bytes=8 * 2**20, kernels=backend.name)
+    llm = LLM(str(qwen3_ckpt), dtype=dtype, kv_cache_memory_bytes=8 * 2**20, kernels=backend.name,
+              quantization=quantization)
+    assert (llm.engine.runner.model.native_forward is None) == (dtype == "float32")
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
 
     def refuse(logits):
