@@ -7,13 +7,15 @@ attention's summation order and must stay as close to a float32 reference as the
 
 from __future__ import annotations
 
+from array import array
+
 import pytest
 import torch
 
 from fabrik.kernels import apply_kernels, select_backend
 from fabrik.loader import load_model
 from fabrik.model_config import load_model_config
-from fabrik.models.attention import AttentionMetadata, kv_bytes_per_token, make_kv_caches
+from fabrik.models.attention import AttentionMetadata, StepBatch, kv_bytes_per_token, make_kv_caches
 from checkpoints import make_checkpoint
 
 BLOCK = 4
@@ -167,18 +169,24 @@ def test_lm_head_in_the_forward_call(backend, qwen3_ckpt, quantization):
     native, head = pair.fused.native_forward, pair.fused.lm_head_kernel
     assert native.has_head
     ids = _tokens(11, 3)
-    meta = AttentionMetadata(torch.tensor([int(pair.tables[0][p // BLOCK]) * BLOCK + p % BLOCK for p in range(11)]),
-                             (0, 11), (11,), pair.tables[:1].contiguous(), BLOCK)
+    table = pair.tables[0].tolist()
+    batch = StepBatch(array("q", ids), array("q", range(11)), array("q", [table[p // BLOCK] * BLOCK + p % BLOCK
+                                                                         for p in range(11)]),
+                      (0, 11), (11,), array("q", table), len(table), BLOCK)
+    input_ids, positions, meta = batch.tensors()
     with torch.inference_mode():
-        for rows, argmax in ((list(range(11)), True), ([3, 10], True), ([10], False)):
-            hidden, logits, index = native.forward_logits(torch.tensor(ids), torch.arange(11), pair.caches["fused"],
-                                                          meta, rows, argmax)
-            alone = native(torch.tensor(ids), torch.arange(11), pair.caches["fused"], meta)
-            assert torch.equal(hidden, alone)
+        for rows, argmax, need_hidden in (([*range(11)], True, True), ([3, 10], True, False), ([10], False, True),
+                                          ([2, 7], False, False)):
+            hidden, logits, index = native.forward_logits(batch, pair.caches["fused"], rows, argmax, need_hidden)
+            alone = native(input_ids, positions, pair.caches["fused"], meta)
+            assert torch.equal(hidden, alone) if need_hidden else hidden is None
             expected, expected_index = head.forward_with_argmax(alone[rows].contiguous())
-            assert torch.equal(logits, expected) and index == (expected_index if argmax else None)
+            if argmax:
+                assert logits is None and index == expected_index
+            else:
+                assert torch.equal(logits, expected) and index is None
         with pytest.raises(ValueError, match="rows"):
-            native.forward_logits(torch.tensor(ids), torch.arange(11), pair.caches["fused"], meta, [11], True)
+            native.forward_logits(batch, pair.caches["fused"], [11], True, False)
 
 
 def test_rejects_positions_outside_the_rotary_tables(backend, qwen3_ckpt):

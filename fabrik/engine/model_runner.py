@@ -15,6 +15,7 @@ asked for) and samples.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -26,7 +27,7 @@ from fabrik.core.scheduler import SchedulerOutput
 from fabrik.kernels import apply_kernels, select_backend
 from fabrik.loader import load_model
 from fabrik.model_config import ModelConfig
-from fabrik.models.attention import AttentionMetadata, make_kv_caches
+from fabrik.models.attention import StepBatch, make_kv_caches
 from fabrik.sampling.logprobs import TokenLogprob, compute_logprobs
 from fabrik.sampling.sampler import Sampler, SamplingRow
 
@@ -66,13 +67,11 @@ class ModelRunner:
         self.kv_caches = make_kv_caches(config, num_blocks, block_size, dtype, kv_cache_dtype)
         self.sampler = Sampler(eos_token_ids, argmax)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput, requests: Mapping[str, Request],
                 generators: Mapping[str, torch.Generator | None]) -> ModelRunnerOutput:
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        # Plain arrays, no torch: see StepBatch.
+        input_ids, positions, slots, tables = array("q"), array("q"), array("q"), array("q")
         query_start_loc = [0]
         seq_lens: list[int] = []
         sample_idx: list[int] = []
@@ -81,7 +80,6 @@ class ModelRunner:
         plp_target: list[int] = []
         plp_owner: list[str] = []
         max_blocks = max(len(c.block_ids) for c in out.chunks)
-        table_rows: list[list[int]] = []  # one tensor built at the end: a torch call per row cost ~6 us each
         for chunk in out.chunks:
             request = requests[chunk.request_id]
             start, n = chunk.start_position, len(chunk.token_ids)
@@ -92,7 +90,8 @@ class ModelRunner:
             slots.extend(chunk.block_ids[p // bs] * bs + p % bs for p in pos)
             query_start_loc.append(offset + n)
             seq_lens.append(start + n)
-            table_rows.append([*chunk.block_ids, *(0,) * (max_blocks - len(chunk.block_ids))])
+            tables.extend(chunk.block_ids)
+            tables.extend((0,) * (max_blocks - len(chunk.block_ids)))  # (S, max_blocks), zero-padded
             if chunk.sample:
                 sample_idx.append(offset + n - 1)
                 sample_ids.append(chunk.request_id)
@@ -104,27 +103,18 @@ class ModelRunner:
                         plp_target.append(request.prompt_token_ids[p + 1])
                         plp_owner.append(chunk.request_id)
 
-        # One tensor for the three (T,) int64 inputs: each torch call costs several us with the caches cold after the
-        # previous step's forward.
-        ids_t, positions_t, slots_t = torch.tensor([input_ids, positions, slots], dtype=torch.int64).unbind()
-        meta = AttentionMetadata(
-            slot_mapping=slots_t,
-            query_start_loc=tuple(query_start_loc),
-            seq_lens=tuple(seq_lens),
-            block_tables=torch.tensor(table_rows, dtype=torch.int64),  # (S, max_blocks), zero-padded
-            block_size=bs,
-        )
+        batch = StepBatch(input_ids, positions, slots, tuple(query_start_loc), tuple(seq_lens), tables, max_blocks, bs)
         rows = [SamplingRow(params=requests[rid].sampling_params, generator=generators.get(rid),
                             prompt_token_ids=requests[rid].prompt_token_ids,
                             output_token_ids=requests[rid].output_token_ids) for rid in sample_ids]
         # The LM head runs on the sampled rows only, in the forward's own call where the model can.
         hidden, logits, argmax = self.model.forward_and_logits(
-            ids_t, positions_t, self.kv_caches, meta, sample_idx, bool(rows) and self.sampler.takes_argmax(rows))
-        # hidden (T, H); logits (S, V) float32 or None; argmax: S ids when the LM head found them, else None
+            batch, self.kv_caches, sample_idx, bool(rows) and self.sampler.takes_argmax(rows), bool(plp_idx))
+        # hidden (T, H) or None; logits (S, V) float32 or None; argmax: S ids when the LM head found them, else None
 
         sampled: dict[str, int] = {}
         logprobs: dict[str, TokenLogprob] = {}
-        if logits is not None:
+        if rows:
             result = self.sampler(logits, rows, argmax)
             for rid, token, lp in zip(sample_ids, result.token_ids, result.logprobs):
                 sampled[rid] = token
@@ -133,9 +123,10 @@ class ModelRunner:
 
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
         if plp_idx:
-            logits = self.model.compute_logits(hidden[plp_idx])  # (P, V) float32
-            ks = [requests[rid].sampling_params.prompt_logprobs for rid in plp_owner]
-            lps = compute_logprobs(logits, torch.tensor(plp_target, dtype=torch.int64), ks)
+            with torch.inference_mode():
+                logits = self.model.compute_logits(hidden[plp_idx])  # (P, V) float32
+                ks = [requests[rid].sampling_params.prompt_logprobs for rid in plp_owner]
+                lps = compute_logprobs(logits, torch.tensor(plp_target, dtype=torch.int64), ks)
             for rid, lp in zip(plp_owner, lps):
                 prompt_logprobs.setdefault(rid, []).append(lp)
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fabrik.kernels.linear import INT4_GROUPS, NativeLinear
+from fabrik.kernels.linear import INT4_GROUPS, NativeLinear, _round_up
 from fabrik.kernels.native import NativeLibrary
 from fabrik.models import kv_int8
-from fabrik.models.attention import AttentionMetadata
+from fabrik.models.attention import AttentionMetadata, StepBatch
 
 FMT_CODES = {"bf16": 0, "int8": 1, **{fmt: 2 for fmt in INT4_GROUPS}}  # an int4 layer's group is in its descriptor
 _MAX_GROUP = 16
@@ -144,6 +144,11 @@ class NativeForward:
             self._head = head
         self._caches: list[torch.Tensor] | None = None
         self._timings: _Timings | None = None
+        self._scratch: torch.Tensor | None = None
+        self._scratch_bytes = 0
+        self._scratch_address = 0
+        self._rope: tuple[int, int, int] = (0, 0, 0)  # cos address, sin address, rows (_rope_tables)
+        self._rope_tensors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def enable_timings(self) -> None:
         """From now on, every call adds where its time went to ``timings()`` (starting from zero)."""
@@ -191,66 +196,96 @@ class NativeForward:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                  meta: AttentionMetadata) -> torch.Tensor:
         """Same contract as ``DecoderForCausalLM.forward``: (T,) ids and positions in, (T, hidden) bf16 out."""
-        return self._run(input_ids, positions, kv_caches, meta, None, False)[0]
+        # The C side reads these as int64 arrays: the model runner's tensors already are, anything else is copied.
+        input_ids, positions, slots, tables = (
+            t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+            for t in (input_ids, positions, meta.slot_mapping, meta.block_tables))
+        num_tokens = input_ids.shape[0]
+        out = torch.empty((num_tokens, self._hidden), dtype=torch.bfloat16)
+        self._run(kv_caches, _Batch(tokens=input_ids.data_ptr(), positions=positions.data_ptr(),
+                                    slots=slots.data_ptr(), block_tables=tables.data_ptr(), T=num_tokens,
+                                    max_blocks=tables.shape[1]),
+                  meta.query_start_loc, meta.seq_lens, meta.block_size, out.data_ptr(), None)
+        return out
 
-    def forward_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                       meta: AttentionMetadata, rows: Sequence[int],
-                       argmax: bool) -> tuple[torch.Tensor, torch.Tensor, list[int] | None]:
-        """``__call__`` and the LM head on ``rows`` of its output in one native call: (T, hidden) bf16 hidden states,
-        (len(rows), vocab) float32 logits, and with ``argmax`` each logits row's argmax (as
-        ``NativeLinear.forward_with_argmax``), else None.
+    def forward_logits(self, batch: StepBatch, kv_caches: list[torch.Tensor], rows: Sequence[int], argmax: bool,
+                       need_hidden: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int] | None]:
+        """The forward of ``batch`` and the LM head on ``rows`` of its output, in one native call.
+
+        Returns the (T, hidden) bf16 hidden states (None unless ``need_hidden``), then with ``argmax`` None and each
+        row's argmax as ``NativeLinear.forward_with_argmax`` finds it (the logits stay in scratch memory), else the
+        (len(rows), vocab) float32 logits and None. Torch is called only for the tensors returned (see ``StepBatch``).
 
         Raises:
             ValueError: the model's LM head is not a native float32 layer (``has_head``), or a row is not a row of
                 the batch; and whatever ``__call__`` raises.
         """
-        if self._head is None:
+        head = self._head
+        if head is None:
             raise ValueError("this model's LM head does not run in the native forward")
-        return self._run(input_ids, positions, kv_caches, meta, rows, argmax)
+        num_tokens, num_rows = len(batch.input_ids), len(rows)
+        hidden_bytes = _round_up(2 * num_tokens * self._hidden, 64)
+        scratch = self._scratch_at(hidden_bytes + (4 * num_rows * head.out_features if argmax else 0))
+        hidden = logits = index = None
+        if need_hidden:
+            hidden = torch.empty((num_tokens, self._hidden), dtype=torch.bfloat16)
+        if argmax:
+            index = array("q", bytes(8 * num_rows))
+        else:
+            logits = torch.empty((num_rows, head.out_features), dtype=torch.float32)  # (R, vocab)
+        row_ids = array("i", rows)  # kept alive through the call
+        desc = _Batch(tokens=batch.input_ids.buffer_info()[0], positions=batch.positions.buffer_info()[0],
+                      slots=batch.slot_mapping.buffer_info()[0], block_tables=batch.block_tables.buffer_info()[0],
+                      T=num_tokens, max_blocks=batch.max_blocks, head=head._address, head_fmt=FMT_CODES[head.fmt],
+                      n_logits=num_rows, logit_rows=row_ids.buffer_info()[0],
+                      logits=scratch + hidden_bytes if logits is None else logits.data_ptr(),
+                      argmax=index.buffer_info()[0] if index is not None else None)
+        self._run(kv_caches, desc, batch.query_start_loc, batch.seq_lens, batch.block_size,
+                  scratch if hidden is None else hidden.data_ptr(), rows)
+        return hidden, logits, index.tolist() if index is not None else None
 
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-             meta: AttentionMetadata, rows: Sequence[int] | None,
-             argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[int] | None]:
+    def _scratch_at(self, nbytes: int) -> int:
+        """Address of at least ``nbytes`` of scratch memory (outputs nobody reads), kept and grown across calls."""
+        if nbytes > self._scratch_bytes:
+            self._scratch_bytes = max(nbytes, 2 * self._scratch_bytes)
+            self._scratch = torch.empty(self._scratch_bytes, dtype=torch.uint8)
+            self._scratch_address = self._scratch.data_ptr()
+        return self._scratch_address
+
+    def _rope_tables(self, rows: int) -> tuple[int, int, int]:
+        """(cos address, sin address, rows held) of rotary tables that hold positions below ``rows``: they change
+        only when they grow, so their addresses are kept rather than asked of torch at every step."""
+        if rows > self._rope[2]:
+            cos, sin = self._rotary.tables(torch.bfloat16, rows)  # (n, D) each
+            self._rope = (cos.data_ptr(), sin.data_ptr(), cos.shape[0])
+            self._rope_tensors = (cos, sin)  # keeps the addresses valid
+        return self._rope
+
+    def _run(self, kv_caches: list[torch.Tensor], batch: _Batch, query_start_loc: Sequence[int],
+             seq_lens: Sequence[int], block_size: int, out: int, rows: Sequence[int] | None) -> None:
+        """Completes ``batch`` (which has its token, position, slot and table addresses, T, max_blocks and any LM
+        head fields) and runs it, writing the (T, hidden) bf16 hidden states at address ``out``."""
         if kv_caches is not self._caches:
             self._bind(kv_caches)
-        if meta.block_size != self._desc.block_size:
-            raise ValueError(f"metadata block_size {meta.block_size} != cache block size {self._desc.block_size}")
-        num_tokens = input_ids.shape[0]
+        if block_size != self._desc.block_size:
+            raise ValueError(f"metadata block_size {block_size} != cache block size {self._desc.block_size}")
         # The C side reads the rows of positions < max(seq_lens) (it checks each position against the tables).
-        cos, sin = self._rotary.tables(torch.bfloat16, max(meta.seq_lens, default=0))  # (n, D) each
-        # The C side reads these as int64 arrays: the model runner's tensors already are, anything else is copied.
-        input_ids, positions, slots, tables = (
-            t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
-            for t in (input_ids, positions, meta.slot_mapping, meta.block_tables))
-        # A Python array, not a tensor: a torch call costs ~10-40 us with the caches cold after the previous step.
-        lengths = array("i", (*meta.query_start_loc, *meta.seq_lens))  # (S + 1 + S,) int32
-        num_seqs, lengths_at = len(meta.seq_lens), lengths.buffer_info()[0]
-        batch = _Batch(tokens=input_ids.data_ptr(), positions=positions.data_ptr(), rope_cos=cos.data_ptr(),
-                       rope_sin=sin.data_ptr(), slots=slots.data_ptr(), query_start=lengths_at,
-                       seq_lens=lengths_at + 4 * (num_seqs + 1), block_tables=tables.data_ptr(), T=num_tokens,
-                       S=num_seqs, max_blocks=tables.shape[1], rope_rows=cos.shape[0])
-        out = torch.empty((num_tokens, self._hidden), dtype=torch.bfloat16)
-        logits = index = None
-        if rows is not None:
-            head = self._head
-            row_ids = array("i", rows)  # kept alive through the call, as `lengths`
-            logits = torch.empty((len(row_ids), head.out_features), dtype=torch.float32)  # (R, vocab)
-            index = array("q", bytes(8 * len(row_ids))) if argmax else None
-            batch.head, batch.head_fmt, batch.n_logits = head._address, FMT_CODES[head.fmt], len(row_ids)
-            batch.logit_rows, batch.logits = row_ids.buffer_info()[0], logits.data_ptr()
-            batch.argmax = index.buffer_info()[0] if index is not None else None
-        if num_tokens:
-            rc = self._fn(self._address, ctypes.addressof(batch), out.data_ptr())
+        batch.rope_cos, batch.rope_sin, batch.rope_rows = self._rope_tables(max(seq_lens, default=0))
+        # A Python array, not a tensor (see StepBatch).
+        lengths = array("i", (*query_start_loc, *seq_lens))  # (S + 1 + S,) int32
+        num_seqs, lengths_at = len(seq_lens), lengths.buffer_info()[0]
+        batch.S, batch.query_start, batch.seq_lens = num_seqs, lengths_at, lengths_at + 4 * (num_seqs + 1)
+        if batch.T:
+            rc = self._fn(self._address, ctypes.addressof(batch), out)
             if rc == -1:
-                raise MemoryError(f"native forward of {num_tokens} tokens: out of memory")
+                raise MemoryError(f"native forward of {batch.T} tokens: out of memory")
             if rc == -3:
                 raise IndexError(f"a token id is outside the vocabulary ({self._desc.vocab})")
             if rc == -4:
-                raise ValueError(f"a position is negative or not below the sequence lengths {meta.seq_lens}")
+                raise ValueError(f"a position is negative or not below the sequence lengths {tuple(seq_lens)}")
             if rc == -5:
-                raise ValueError(f"logit rows {list(rows or ())} are not all rows of the {num_tokens}-token batch")
+                raise ValueError(f"logit rows {list(rows or ())} are not all rows of the {batch.T}-token batch")
             if rc != 0:
                 raise RuntimeError(f"native forward failed with code {rc}")
         elif rows:
             raise ValueError(f"logit rows {list(rows)} are not all rows of the 0-token batch")
-        return out, logits, index.tolist() if index is not None else None

@@ -27,6 +27,7 @@ quantization in fabrik/models/kv_int8.py); ``paged_attention`` writes and reads 
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,37 @@ class AttentionMetadata:
     """(S, max_blocks) int64 block ids of each sequence, padded with 0."""
     block_size: int
     """Tokens per KV cache block."""
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One step's flattened batch (the model runner's docstring draws it) in plain int64 arrays, built without torch:
+    right after a native forward has streamed the weights, the caches are cold and each torch call costs ~10-40 us,
+    while the native forward reads these arrays in place. ``tensors()`` gives the module-by-module path its inputs."""
+
+    input_ids: array
+    """(T,) 'q': new tokens of all sequences, flattened."""
+    positions: array
+    """(T,) 'q': absolute position of each new token in its sequence."""
+    slot_mapping: array
+    """(T,) 'q': cache slot of each new token's K/V (``AttentionMetadata.slot_mapping``)."""
+    query_start_loc: tuple[int, ...]
+    """(S+1,) offsets of each sequence's new tokens in the batch (0, ..., T)."""
+    seq_lens: tuple[int, ...]
+    """(S,) KV length of each sequence after this step."""
+    block_tables: array
+    """(S * max_blocks,) 'q': each sequence's block ids, row after row, padded with 0."""
+    max_blocks: int
+    """Length of a row of ``block_tables``."""
+    block_size: int
+    """Tokens per KV cache block."""
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(T,) input ids, (T,) positions and the ``AttentionMetadata`` of the same batch, as int64 tensors."""
+        ids, positions, slots = (torch.tensor(a, dtype=torch.int64) for a in
+                                 (self.input_ids, self.positions, self.slot_mapping))
+        tables = torch.tensor(self.block_tables, dtype=torch.int64).view(len(self.seq_lens), self.max_blocks)
+        return ids, positions, AttentionMetadata(slots, self.query_start_loc, self.seq_lens, tables, self.block_size)
 
 
 def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int, int]:

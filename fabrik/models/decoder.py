@@ -15,7 +15,7 @@ from torch import nn
 
 from fabrik.config import KV_CACHE_DTYPES
 from fabrik.model_config import ModelConfig
-from fabrik.models.attention import AttentionMetadata, paged_attention
+from fabrik.models.attention import AttentionMetadata, StepBatch, paged_attention
 from fabrik.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
 
 
@@ -146,26 +146,29 @@ class DecoderForCausalLM(nn.Module):
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight  # (vocab, hidden)
         return F.linear(hidden, weight).float()  # (N, vocab)
 
-    def forward_and_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                           attn_metadata: AttentionMetadata, rows: Sequence[int],
-                           argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, list[int] | None]:
-        """``forward``, then the logits of its hidden ``rows`` (ascending) and, with ``argmax``, each logits row's
-        argmax when the LM head finds it in passing (``compute_logits_and_argmax``); one native call when the native
-        forward runs the LM head too (the Python between two calls starts with cold caches, ~0.2 ms a step).
+    def forward_and_logits(self, batch: StepBatch, kv_caches: list[torch.Tensor], rows: Sequence[int], argmax: bool,
+                           need_hidden: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int] | None]:
+        """``forward`` of ``batch``, then the logits of its hidden ``rows`` (ascending) and, with ``argmax``, each
+        logits row's argmax when the LM head finds it in passing (``compute_logits_and_argmax``). When the native
+        forward runs the LM head too, this is one native call with no torch call around it (the Python between two
+        calls, and each torch call, starts with cold caches: ~0.2 ms a step).
 
         Returns:
-            (T, hidden) hidden states, (len(rows), vocab) float32 logits (None without rows), the argmax or None.
+            (T, hidden) hidden states (None is allowed when not ``need_hidden``); (len(rows), vocab) float32 logits
+            (None without rows, and allowed when the argmax comes back); the argmax or None.
         """
         native = self.native_forward
         if rows and getattr(native, "has_head", False):
-            return native.forward_logits(input_ids, positions, kv_caches, attn_metadata, rows, argmax)  # type: ignore
-        hidden = self(input_ids, positions, kv_caches, attn_metadata)  # (T, hidden)
-        if not rows:
-            return hidden, None, None
-        picked = hidden if len(rows) == hidden.shape[0] else hidden[list(rows)]  # (R, hidden)
-        if argmax:
-            return hidden, *self.compute_logits_and_argmax(picked)
-        return hidden, self.compute_logits(picked), None
+            return native.forward_logits(batch, kv_caches, rows, argmax, need_hidden)  # type: ignore
+        input_ids, positions, meta = batch.tensors()
+        with torch.inference_mode():
+            hidden = self(input_ids, positions, kv_caches, meta)  # (T, hidden)
+            if not rows:
+                return hidden, None, None
+            picked = hidden if len(rows) == hidden.shape[0] else hidden[list(rows)]  # (R, hidden)
+            if argmax:
+                return hidden, *self.compute_logits_and_argmax(picked)
+            return hidden, self.compute_logits(picked), None
 
     def compute_logits_and_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
         """``compute_logits``, and each row's argmax (lowest id on ties, -1 for a NaN row) when the LM head kernel

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fabrik.model_config import ModelConfig
-from fabrik.models.attention import AttentionMetadata, write_kv
+from fabrik.models.attention import AttentionMetadata, StepBatch, write_kv
 
 NUM_DIGITS = 8
 """Base-16 digits per token id (ids < 2**32); the hidden size and head_dim of the model."""
@@ -135,9 +135,10 @@ class ScriptedForCausalLM(nn.Module):
         logits[torch.arange(hidden.shape[0]), ids] = self.logit_scale.float()
         return logits
 
-    def forward_and_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                           attn_metadata: AttentionMetadata, rows: Sequence[int],
-                           argmax: bool) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    def forward_and_logits(self, batch: StepBatch, kv_caches: list[torch.Tensor], rows: Sequence[int], argmax: bool,
+                           need_hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """``forward`` and the logits of its ``rows`` (None without rows); no argmax on the side (the sampler's)."""
-        hidden = self(input_ids, positions, kv_caches, attn_metadata)
-        return hidden, self.compute_logits(hidden[list(rows)]) if rows else None, None
+        input_ids, positions, meta = batch.tensors()
+        with torch.inference_mode():
+            hidden = self(input_ids, positions, kv_caches, meta)
+            return hidden, self.compute_logits(hidden[list(rows)]) if rows else None, None

@@ -86,34 +86,38 @@ class Sampler:
         self.eos_token_ids = tuple(int(token_id) for token_id in eos_token_ids)
         self._argmax = argmax or _argmax
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+    def __call__(self, logits: torch.Tensor | None, rows: Sequence[SamplingRow],
                  argmax: Sequence[int] | None = None) -> SamplerOutput:
         """Samples one token per row.
 
         Args:
-            logits: (N, V) float32 logits, one row per entry of rows; not modified.
+            logits: (N, V) float32 logits, one row per entry of rows; not modified. May be None when ``argmax`` is
+                given and ``takes_argmax(rows)``.
             rows: what to do with each row.
-            argmax: each row's argmax of ``logits`` (-1 for a NaN row) when already known (an LM head kernel's, found
-                while writing them); used when ``takes_argmax(rows)``.
+            argmax: each row's argmax of the logits (-1 for a NaN row) when already known (an LM head kernel's,
+                found while writing them); used when ``takes_argmax(rows)``.
 
         Returns:
             The sampled token ids and, for rows that asked, their logprobs.
 
         Raises:
-            ValueError: logits is not (len(rows), V), or contains NaN.
+            ValueError: logits is not (len(rows), V) (or missing where needed), or contains NaN.
         """
-        if logits.dim() != 2 or logits.shape[0] != len(rows):
-            raise ValueError(f"logits must have shape ({len(rows)}, V), got {tuple(logits.shape)}")
+        if argmax is not None and self.takes_argmax(rows):
+            # The common decode step, with no torch call: each costs ~10-40 us on the caches a forward left cold.
+            if len(argmax) != len(rows):
+                raise ValueError(f"{len(argmax)} argmax ids for {len(rows)} rows")
+            return self._greedy(list(argmax), rows)
+        if logits is None or logits.dim() != 2 or logits.shape[0] != len(rows):
+            shape = None if logits is None else tuple(logits.shape)
+            raise ValueError(f"logits must have shape ({len(rows)}, V), got {shape}")
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[])
         if logits.dtype != torch.float32:  # the check is cheaper than a no-op float() call on each step
             logits = logits.float()
         if self.takes_argmax(rows):
-            # The common decode step: one pass over (N, V) (a separate NaN scan costs as much as the argmax).
-            token_ids = self._argmax(logits).tolist() if argmax is None else list(argmax)
-            if -1 in token_ids:
-                raise ValueError(f"logits contain NaN in rows {[i for i, t in enumerate(token_ids) if t == -1]}")
-            return SamplerOutput(token_ids=token_ids, logprobs=[None] * len(rows))
+            # One pass over (N, V) (a separate NaN scan costs as much as the argmax).
+            return self._greedy(self._argmax(logits).tolist(), rows)
         if torch.isnan(logits).any():
             bad_rows = torch.isnan(logits).any(dim=-1).nonzero()[:, 0].tolist()
             raise ValueError(f"logits contain NaN in rows {bad_rows}")
@@ -145,6 +149,12 @@ class Sampler:
             for i, entry in zip(logprob_rows, computed):
                 logprobs[i] = entry
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    @staticmethod
+    def _greedy(token_ids: list[int], rows: Sequence[SamplingRow]) -> SamplerOutput:
+        if -1 in token_ids:
+            raise ValueError(f"logits contain NaN in rows {[i for i, t in enumerate(token_ids) if t == -1]}")
+        return SamplerOutput(token_ids=token_ids, logprobs=[None] * len(rows))
 
     def takes_argmax(self, rows: Sequence[SamplingRow]) -> bool:
         """Whether every row's token is the argmax of its raw logits (greedy, no logprobs, nothing applied)."""
