@@ -51,6 +51,23 @@ def test_greedy_ties_take_the_lowest_id():
     assert Sampler([EOS])(logits, [row(GREEDY)]).token_ids == [1]
 
 
+def test_a_known_argmax_needs_no_logits_and_applies_only_where_the_argmax_is_the_token():
+    """An LM head that found the argmax in passing hands it over without the logits: greedy rows take it as is (a NaN
+    row, -1, is refused as from the logits); a row that needs its logits (penalties, logprobs, sampling) cannot go
+    without them, and with them it ignores the argmax."""
+    greedy = [row(GREEDY), row(GREEDY, output=[3])]
+    assert Sampler([EOS])(None, greedy, argmax=[7, 2]).token_ids == [7, 2]
+    with pytest.raises(ValueError, match=r"NaN in rows \[1\]"):
+        Sampler([EOS])(None, greedy, argmax=[7, -1])
+    with pytest.raises(ValueError, match="2 argmax ids for 1 rows"):
+        Sampler([EOS])(None, greedy[:1], argmax=[7, 2])
+    penalized = row(SamplingParams(temperature=0.0, repetition_penalty=2.0), output=[1])
+    with pytest.raises(ValueError, match="logits"):
+        Sampler([EOS])(None, [penalized], argmax=[1])
+    logits = torch.tensor([[0.0, 1.0, 0.9]])
+    assert Sampler([EOS])(logits, [penalized], argmax=[1]).token_ids == [2]  # 1.0 / 2 < 0.9
+
+
 def test_tiny_temperature_is_greedy_even_with_filters():
     torch.manual_seed(0)
     logits = torch.randn(1, 50)

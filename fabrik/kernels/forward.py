@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fabrik.kernels.linear import INT4_GROUPS, NativeLinear, _round_up
+from fabrik.kernels.linear import INT4_GROUPS, NativeLinear
 from fabrik.kernels.native import NativeLibrary
 from fabrik.models import kv_int8
 from fabrik.models.attention import AttentionMetadata, StepBatch
@@ -224,7 +224,7 @@ class NativeForward:
         if head is None:
             raise ValueError("this model's LM head does not run in the native forward")
         num_tokens, num_rows = len(batch.input_ids), len(rows)
-        hidden_bytes = _round_up(2 * num_tokens * self._hidden, 64)
+        hidden_bytes = -(-2 * num_tokens * self._hidden // 64) * 64  # the logits after it stay 64-byte aligned
         scratch = self._scratch_at(hidden_bytes + (4 * num_rows * head.out_features if argmax else 0))
         hidden = logits = index = None
         if need_hidden:
