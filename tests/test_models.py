@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from array import array
 from functools import lru_cache
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from fabrik.loader import load_model
 from fabrik.model_config import load_model_config
-from fabrik.models.attention import AttentionMetadata, kv_cache_shape, paged_attention
+from fabrik.models.attention import AttentionMetadata, StepBatch, kv_cache_shape, paged_attention
 from fabrik.models.decoder import DecoderForCausalLM
 from fabrik.models.layers import RotaryEmbedding
 
@@ -92,6 +93,21 @@ class PagedRunner:
 
 def random_tokens(n: int, seed: int, vocab_size: int = 512) -> list[int]:
     return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_step_batch_tensors_are_copies_of_its_arrays() -> None:
+    """The module path's inputs: int64 tensors holding the arrays' values (the block table as rows), not views that a
+    later change of the arrays would alter; an array of another type is refused."""
+    batch = StepBatch(array("q", [5, 6, 7]), array("q", [0, 1, 9]), array("q", [40, 41, 73]), (0, 2, 3), (2, 10),
+                      array("q", [10, 0, 8, 4]), 2, 8)
+    ids, positions, meta = batch.tensors()
+    assert ids.tolist() == [5, 6, 7] and positions.tolist() == [0, 1, 9] and meta.slot_mapping.tolist() == [40, 41, 73]
+    assert meta.block_tables.tolist() == [[10, 0], [8, 4]] and meta.block_tables.dtype == torch.int64
+    assert (meta.query_start_loc, meta.seq_lens, meta.block_size) == ((0, 2, 3), (2, 10), 8)
+    batch.input_ids[0] = 99
+    assert ids[0] == 5
+    with pytest.raises(ValueError, match="typecode 'i'"):
+        StepBatch(array("i", [1]), array("q", [0]), array("q", [0]), (0, 1), (1,), array("q", [0]), 1, 8).tensors()
 
 
 @pytest.mark.parametrize("kind", KIND_FIXTURES)
