@@ -56,9 +56,10 @@ class AttentionMetadata:
 
 @dataclass(frozen=True)
 class StepBatch:
-    """One step's flattened batch (the model runner's docstring draws it) in plain int64 arrays, built without torch:
-    right after a native forward has streamed the weights, the caches are cold and each torch call costs ~10-40 us,
-    while the native forward reads these arrays in place. ``tensors()`` gives the module-by-module path its inputs."""
+    """One step's flattened batch (the model runner's docstring draws it), built without torch: per-token fields and
+    block tables in plain int64 arrays, lengths in tuples. Right after a native forward has streamed the weights the
+    caches are cold and each torch call costs ~10-40 us, while the native forward reads these arrays in place.
+    ``tensors()`` gives the module-by-module path its inputs."""
 
     input_ids: array
     """(T,) 'q': new tokens of all sequences, flattened."""
