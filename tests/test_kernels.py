@@ -327,35 +327,6 @@ def test_engine_config_names_a_bad_quantization():
         EngineConfig(model="m", kernels="cuda")
 
 
-@pytest.mark.parametrize("width", [1, 15, 16, 17, 1000, 151936])
-def test_native_argmax_matches_torch(native, width):
-    """Greedy sampling's argmax (csrc/argmax.c): torch's index on random rows, the lowest index on ties, 0 for a row
-    of -inf, -1 for a row holding NaN (wherever it sits: vector body or scalar tail)."""
-    g = torch.Generator().manual_seed(width)
-    x = torch.randn(6, width, generator=g)
-    x[1] = torch.randint(0, 3, (width,), generator=g).float()  # many ties
-    x[2] = float("-inf")
-    x[3, width // 2] = float("nan")
-    x[4, -1] = float("nan")
-    index = native.argmax(x)
-    assert index.dtype == torch.int64 and index.shape == (6,)
-    expected = x.max(dim=-1)[1]
-    assert index[[0, 1, 2, 5]].tolist() == expected[[0, 1, 2, 5]].tolist()
-    assert index[1] == int(torch.nonzero(x[1] == x[1].max())[0])  # the first maximum
-    assert index[3] == -1 and index[4] == -1
-
-
-def test_sampler_uses_the_backend_argmax(native):
-    from fabrik.sampling.sampler import Sampler, SamplingRow
-
-    x = torch.randn(3, 5000, generator=torch.Generator().manual_seed(2))
-    rows = [SamplingRow(SamplingParams(temperature=0), None, [1], []) for _ in range(3)]
-    assert Sampler((0,), native.argmax)(x, rows).token_ids == x.argmax(dim=-1).tolist()
-    x[2, 17] = float("nan")
-    with pytest.raises(ValueError, match=r"NaN in rows \[2\]"):
-        Sampler((0,), native.argmax)(x, rows)
-
-
 def _first_max(out: torch.Tensor) -> list[int]:
     """Per row: the first index of its maximum, -1 for a row holding NaN (the argmax contract of greedy sampling)."""
     return [-1 if bool(row.isnan().any()) else int(torch.nonzero(row == row.max())[0]) for row in out]

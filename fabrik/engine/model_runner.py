@@ -56,16 +56,14 @@ class ModelRunner:
         # NOTE: the native kernels compute with bf16 (or int8) weights: a float32 model stays on torch's
         # kernels unless quantization is asked for, so float32 keeps its exact parity with transformers.
         self.kernel_backend = "torch"
-        argmax = None
         if dtype == torch.bfloat16 or quantization is not None:
             backend = select_backend(kernels)
             self.model = apply_kernels(self.model, backend, quantization)
             self.kernel_backend = backend.name
-            argmax = backend.argmax  # None: torch's
         if kv_cache_dtype not in getattr(self.model, "kv_cache_dtypes", ("auto",)):
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported by {type(self.model).__name__}")
         self.kv_caches = make_kv_caches(config, num_blocks, block_size, dtype, kv_cache_dtype)
-        self.sampler = Sampler(eos_token_ids, argmax)
+        self.sampler = Sampler(eos_token_ids)
 
     def execute(self, out: SchedulerOutput, requests: Mapping[str, Request],
                 generators: Mapping[str, torch.Generator | None]) -> ModelRunnerOutput:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -50,10 +49,6 @@ class KernelBackend(ABC):
                 llama.cpp's Q4_0 rule), "int4-g64" or "int4-g128" (the same rule over groups of 64 / 128).
             out_dtype: Output dtype; None means the input's.
         """
-
-    argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
-    """Greedy sampling's argmax, when the backend has a faster one than torch's: (N, V) float32 logits -> (N,) int64
-    index of each row's largest logit (the lowest on ties), -1 for a row holding NaN."""
 
 
 class TorchBackend(KernelBackend):
@@ -91,17 +86,6 @@ class NativeBackend(KernelBackend):
         _check_quantization(quantization)
         fmt = quantization or "bf16"
         return NativeLinear(self.library, weight, bias, fmt, self.isa, self.num_threads, out_dtype)
-
-    def argmax(self, logits: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # csrc/argmax.c: torch's max over a 151,936-wide row runs on one thread at ~4 GB/s (~140 us).
-        if logits.dim() != 2 or 0 in logits.shape:
-            raise ValueError(f"argmax needs non-empty (N, V) logits, got {tuple(logits.shape)}")
-        if logits.dtype != torch.float32 or not logits.is_contiguous():
-            logits = logits.float().contiguous()
-        index = torch.empty(logits.shape[0], dtype=torch.int64)
-        self.library.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], self.num_threads,
-                                 index.data_ptr())
-        return index
 
 
 class _CastOutput(nn.Module):

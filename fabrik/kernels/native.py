@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "csrc"
 LIBRARY_NAME = "libfabrik_kernels.so"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 ISA_AVX512 = 1
 """AVX-512 F/BW/VL + BF16 + VNNI kernels (``isa`` field of the C layer descriptor)."""
@@ -76,8 +76,6 @@ class NativeLibrary:
     """uint64 (data*, nbytes, nthreads): sums the bytes' 64-bit words; the bandwidth reference."""
     forward: ctypes._CFuncPtr
     """int (model*, batch*, out*): the decoder stack of one step (csrc/forward.c); 0, or a negative error code."""
-    argmax_rows: ctypes._CFuncPtr
-    """void (x*, rows, n, nthreads, idx*): per row of float32 x, the index of its maximum, -1 with a NaN."""
 
 
 def cpu_flags() -> frozenset[str]:
@@ -177,10 +175,7 @@ def _load(path: Path) -> NativeLibrary:
     forward = cdll.fabrik_forward
     forward.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
     forward.restype = ctypes.c_int
-    argmax = cdll.fabrik_argmax_rows
-    argmax.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
-    argmax.restype = None
-    return NativeLibrary(path=path, cdll=cdll, stream_read=stream, forward=forward, argmax_rows=argmax, **functions)
+    return NativeLibrary(path=path, cdll=cdll, stream_read=stream, forward=forward, **functions)
 
 
 @lru_cache(maxsize=1)

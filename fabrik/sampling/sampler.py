@@ -30,7 +30,7 @@ ones), in a canonical order that depends only on the row.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,14 +77,14 @@ class Sampler:
 
     Args:
         eos_token_ids: the model's end-of-sequence ids, masked while a row has fewer than min_tokens outputs.
-        argmax: (N, V) logits -> (N,) index of each row's maximum, -1 for a NaN row: the greedy fast path (a kernel
-            backend's; default torch's max).
+
+    Greedy rows take the argmax an LM head kernel found while writing the logits when the caller has it (``argmax``
+    of ``__call__``), else torch's over the logits.
     """
 
-    def __init__(self, eos_token_ids: Sequence[int],
-                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, eos_token_ids: Sequence[int]):
         self.eos_token_ids = tuple(int(token_id) for token_id in eos_token_ids)
-        self._argmax = argmax or _argmax
+        self._argmax = _argmax
 
     def __call__(self, logits: torch.Tensor | None, rows: Sequence[SamplingRow],
                  argmax: Sequence[int] | None = None) -> SamplerOutput:

@@ -7,7 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define FABRIK_ABI_VERSION 9
+#define FABRIK_ABI_VERSION 10
 
 #define ISA_AVX512 1
 #define ISA_AVX2 2

@@ -75,7 +75,8 @@ static inline void prefetch_step(next_prefetch *p) {
 /* Greedy sampling's argmax, folded into a float32 layer's output while each thread stores it: read back afterwards,
  * the logits come from DRAM (the weight stream evicted them), ~100 us per 151,936-wide row. Per thread and row of x,
  * lane j holds the largest output seen at n = j (mod 16), the first such n (strictly greater wins), and whether a NaN
- * was seen; lanes_argmax merges the threads' lanes in block order, as argmax.c does within a row. */
+ * was seen; lanes_argmax merges the threads' lanes in block order: the lowest index of the maximum, -1 with a NaN,
+ * 0 for a row of -inf (the sampler's contract, as torch's max). */
 typedef struct {
     float best[ROWS];
     int32_t at[ROWS];
