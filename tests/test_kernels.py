@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fabrik.kernels as kernels
+import fabrik.sampling.sampler as sampler_module
 from fabrik import LLM, SamplingParams
 from fabrik.kernels import KernelBackend, NativeBackend, TorchBackend, apply_kernels, select_backend
 from fabrik.kernels.linear import GROUP, int8_reference, quantize, quantize_int4, quantize_int8
@@ -357,7 +358,7 @@ def test_linear_argmax_in_passing(native, fmt, n):
 
 
 @pytest.mark.parametrize("dtype,quantization", [("bfloat16", None), ("float32", "int8")])
-def test_greedy_steps_take_the_lm_heads_argmax(qwen3_ckpt, dtype, quantization):
+def test_greedy_steps_take_the_lm_heads_argmax(qwen3_ckpt, dtype, quantization, monkeypatch):
     """Greedy rows sample the LM head kernel's argmax (the sampler's own is never called) and get the tokens the
     sampler's full path picks from the same logits (asking for logprobs takes that path): with the head in the native
     forward's call (bf16), and beside the module-by-module forward (a float32 model with int8 linears)."""
@@ -372,9 +373,8 @@ def test_greedy_steps_take_the_lm_heads_argmax(qwen3_ckpt, dtype, quantization):
     def refuse(logits):
         raise AssertionError("the sampler's argmax ran")
 
-    sampler = llm.engine.runner.sampler
-    sampler._argmax, own = refuse, sampler._argmax
-    fused = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-    sampler._argmax = own
+    with monkeypatch.context() as patch:
+        patch.setattr(sampler_module, "_argmax", refuse)
+        fused = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     full = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0))
     assert [o.outputs[0].token_ids for o in fused] == [o.outputs[0].token_ids for o in full]

@@ -84,7 +84,6 @@ class Sampler:
 
     def __init__(self, eos_token_ids: Sequence[int]):
         self.eos_token_ids = tuple(int(token_id) for token_id in eos_token_ids)
-        self._argmax = _argmax
 
     def __call__(self, logits: torch.Tensor | None, rows: Sequence[SamplingRow],
                  argmax: Sequence[int] | None = None) -> SamplerOutput:
@@ -117,7 +116,7 @@ class Sampler:
             logits = logits.float()
         if self.takes_argmax(rows):
             # One pass over (N, V) (a separate NaN scan costs as much as the argmax).
-            return self._greedy(self._argmax(logits).tolist(), rows)
+            return self._greedy(_argmax(logits).tolist(), rows)
         if torch.isnan(logits).any():
             bad_rows = torch.isnan(logits).any(dim=-1).nonzero()[:, 0].tolist()
             raise ValueError(f"logits contain NaN in rows {bad_rows}")
