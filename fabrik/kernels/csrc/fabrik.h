@@ -49,9 +49,12 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)(u >> 16);
 }
 
+/* The largest x whose e^x fexp / exp512 compute: above it they return e^88.3, not e^x (inf past ~88.72). */
+#define EXP_CLAMP 88.3f
+
 /* e^x to ~1 ulp for x in [-87, 88] (Cephes' polynomial); plain C so that loops over it vectorize. */
 static inline float fexp(float x) {
-    x = x > 88.3f ? 88.3f : (x < -87.3f ? -87.3f : x);
+    x = x > EXP_CLAMP ? EXP_CLAMP : (x < -87.3f ? -87.3f : x);
     float n = rintf(x * 1.44269504088896341f);
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;

@@ -84,14 +84,23 @@ void fabrik_silu_mul_row(const uint16_t *g, const uint16_t *u, int n, uint16_t *
     int i = 0;
 #ifdef HAVE_ROWOPS_AVX512
     for (; i + 16 <= n; i += 16) {
-        __m512 gf = load16(g + i);
-        __m512 s = _mm512_div_ps(gf, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), gf))));
+        __m512 gf = load16(g + i), t = _mm512_sub_ps(_mm512_setzero_ps(), gf), e = exp512(t);
+        __mmask16 big = _mm512_cmp_ps_mask(t, _mm512_set1_ps(EXP_CLAMP), _CMP_GT_OQ);
+        if (big) { /* rare: e^t past exp512's clamp, as (e^(t/2))^2 (inf beyond FLT_MAX, so silu = -0 as torch's) */
+            __m512 half = exp512(_mm512_mul_ps(t, _mm512_set1_ps(0.5f)));
+            e = _mm512_mask_mul_ps(e, big, half, half);
+        }
+        __m512 s = _mm512_div_ps(gf, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
         store16(out + i, _mm512_mul_ps(round16(s), load16(u + i)));
     }
 #endif
     for (; i < n; i++) { /* torch: silu in fp32 rounded to bf16, then the product rounded */
-        float gf = bf16_to_f32(g[i]);
-        out[i] = f32_to_bf16(bmul(gf / (1.0f + fexp(-gf)), 1.0f) * bf16_to_f32(u[i]));
+        float gf = bf16_to_f32(g[i]), e = fexp(-gf);
+        if (-gf > EXP_CLAMP) { /* as above */
+            e = fexp(-gf * 0.5f);
+            e *= e;
+        }
+        out[i] = f32_to_bf16(bmul(gf / (1.0f + e), 1.0f) * bf16_to_f32(u[i]));
     }
 }
 
