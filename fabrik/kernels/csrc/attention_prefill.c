@@ -24,6 +24,13 @@ int fabrik_tile_tokens(int G, int D) {
     return TILE_ROWS / G;
 }
 
+/* acc += k . broadcast(*q) (a bf16 pair) with the broadcast folded into the instruction ({1to16}): GCC emits a
+ * separate vpbroadcastd for _mm512_set1_epi32, one extra uop per vdpbf16ps. */
+static inline __attribute__((always_inline)) __m512 dpbf16_bcast(__m512 acc, __m512i k, const uint32_t *q) {
+    __asm__("vdpbf16ps %[q]%{1to16%}, %[k], %[acc]" : [acc] "+v"(acc) : [k] "v"(k), [q] "m"(*q));
+    return acc;
+}
+
 /* r[j] = 16 dwords of row j; afterwards r[p] = dword p of rows 0..15 (a 16 x 16 transpose in 64 shuffles). */
 static inline __attribute__((always_inline)) void transpose16(__m512i *r) {
     __m512i a[16], b[16];
@@ -73,11 +80,12 @@ static inline __attribute__((always_inline)) void tile_fixed(const attn_tile *ti
     __m512i kt[D / 2];
     __m512bh vi[8][2 * NC];
     __m512 acc[TILE_ROWS][2 * NC];
-    float m[TILE_ROWS], l[TILE_ROWS];
+    float m[TILE_ROWS];
+    __m512 l[TILE_ROWS]; /* softmax denominators as 16 lane sums: one add per chunk instead of a horizontal sum */
     for (int r = 0; r < (rows + RB - 1) / RB * RB; r++) {
         for (int c = 0; c < 2 * NC; c++) acc[r][c] = _mm512_setzero_ps();
         m[r] = -INFINITY;
-        l[r] = 0.0f;
+        l[r] = _mm512_setzero_ps();
     }
     const __m512 scale = _mm512_set1_ps(it->scale), ninf = _mm512_set1_ps(-INFINITY);
     const long row_bytes = it->int8 ? D : 2L * D;
@@ -142,9 +150,8 @@ static inline __attribute__((always_inline)) void tile_fixed(const attn_tile *ti
                 for (int p = 0; p < D / 2; p += 2) {
 #pragma GCC unroll 4
                     for (int k = 0; k < RB; k++) {
-                        sa[k] = _mm512_dpbf16_ps(sa[k], (__m512bh)kt[p], (__m512bh)_mm512_set1_epi32((int)q[k][p]));
-                        sb[k] = _mm512_dpbf16_ps(sb[k], (__m512bh)kt[p + 1],
-                                                 (__m512bh)_mm512_set1_epi32((int)q[k][p + 1]));
+                        sa[k] = dpbf16_bcast(sa[k], kt[p], q[k] + p);
+                        sb[k] = dpbf16_bcast(sb[k], kt[p + 1], q[k] + p + 1);
                     }
                 }
                 uint32_t pp[RB][8] __attribute__((aligned(32)));
@@ -156,12 +163,12 @@ static inline __attribute__((always_inline)) void tile_fixed(const attn_tile *ti
                     if (mx > m[r]) { /* a new maximum: rescale what was summed so far */
                         float f = fexp(m[r] - mx);
                         __m512 a = _mm512_set1_ps(f);
-                        l[r] *= f;
+                        l[r] = _mm512_mul_ps(l[r], a);
                         for (int c = 0; c < 2 * NC; c++) acc[r][c] = _mm512_mul_ps(acc[r][c], a);
                         m[r] = mx;
                     }
                     __m512 pr = _mm512_maskz_mov_ps(valid[k], exp512(_mm512_sub_ps(s, _mm512_set1_ps(m[r]))));
-                    l[r] += _mm512_reduce_add_ps(pr);
+                    l[r] = _mm512_add_ps(l[r], pr);
                     _mm256_store_si256((__m256i *)pp[k], (__m256i)_mm512_cvtneps_pbh(pr)); /* keys 2i, 2i+1 */
                 }
                 for (int c = 0; c < 2 * NC; c++) {
@@ -172,7 +179,7 @@ static inline __attribute__((always_inline)) void tile_fixed(const attn_tile *ti
                     for (int i = 0; i < 8; i++)
 #pragma GCC unroll 4
                         for (int k = 0; k < RB; k++)
-                            o[k] = _mm512_dpbf16_ps(o[k], vi[i][c], (__m512bh)_mm512_set1_epi32((int)pp[k][i]));
+                            o[k] = dpbf16_bcast(o[k], (__m512i)vi[i][c], &pp[k][i]);
 #pragma GCC unroll 4
                     for (int k = 0; k < RB; k++) acc[r0 + k][c] = o[k];
                 }
@@ -180,7 +187,8 @@ static inline __attribute__((always_inline)) void tile_fixed(const attn_tile *ti
         }
     }
     for (int r = 0; r < rows; r++)
-        store_output(it->out + (r / G) * tile->out_stride + (long)(r % G) * D, acc[r], D, 1.0f / l[r]);
+        store_output(it->out + (r / G) * tile->out_stride + (long)(r % G) * D, acc[r], D,
+                     1.0f / _mm512_reduce_add_ps(l[r]));
 }
 
 void fabrik_attend_tile(const attn_tile *tile) {
