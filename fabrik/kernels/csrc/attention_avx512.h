@@ -20,7 +20,7 @@ static inline __attribute__((always_inline)) __m512 exp512(__m512 x) { /* fexp o
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n); /* p * 2^n: fexp's exponent-bits multiply in one instruction, the same bits */
+    return _mm512_scalef_ps(p, n); /* p * 2^n in one instruction: the same bits as fexp's multiply by 2^n */
 }
 
 /* o[0..D) = bf16(acc * inv) for one head's running output acc[2 * D / 32], whose lanes are in the unpacked order of
