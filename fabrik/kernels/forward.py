@@ -218,7 +218,7 @@ class NativeForward:
 
         Raises:
             ValueError: the model's LM head is not a native float32 layer (``has_head``), or a row is not a row of
-                the batch; and whatever ``__call__`` raises.
+                the batch; and what ``__call__`` raises for a bad batch (``_run``'s checks, shared by both).
         """
         head = self._head
         if head is None:
