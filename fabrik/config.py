@@ -67,9 +67,12 @@ class SchedulerConfig:
     """Token budget of one step (prefill chunks and decodes together)."""
     max_num_seqs: int = 64
     """Most requests running at once."""
+    max_prompt_logprob_tokens: int = 256
+    """Most prompt positions per step whose logprobs are computed (each costs an LM head row and a vocabulary-wide
+    log-softmax: bounding them keeps steps short and memory bounded)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs"):
+        for name in ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "max_prompt_logprob_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be an int >= 1")
@@ -93,6 +96,8 @@ class EngineConfig:
     """Most requests running at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one engine step."""
+    max_prompt_logprob_tokens: int = 256
+    """Most prompt positions per step whose logprobs are computed (each costs an LM head row)."""
     block_size: int = 64
     """Tokens per KV block (64: one KV head's rows of a block are a 16 KiB run; blocks of 16 made decode attention
     12-18% slower here, docs/kernels.md)."""
@@ -123,5 +128,5 @@ class EngineConfig:
         if self.kv_cache_memory_bytes is not None:
             parse_bytes(self.kv_cache_memory_bytes)
         SchedulerConfig(max_model_len=self.max_model_len or 2, max_num_batched_tokens=self.max_num_batched_tokens,
-                        max_num_seqs=self.max_num_seqs)
+                        max_num_seqs=self.max_num_seqs, max_prompt_logprob_tokens=self.max_prompt_logprob_tokens)
         CacheConfig(block_size=self.block_size)

@@ -69,6 +69,10 @@ class Request:
     """Opaque to the core; the model runner reads it."""
     use_prefix_cache: bool = True
     """False when every prompt position must be computed (e.g. prompt logprobs)."""
+    group: str = ""
+    """The client request this sequence belongs to (its prompts x n share it), for fair admission; "": its own id."""
+    computes_prompt_logprobs: bool = False
+    """Its prompt chunks compute logits at every position: they count against the step's prompt-logprob budget."""
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1
@@ -82,6 +86,7 @@ class Request:
         if not self.prompt_token_ids:
             raise ValueError(f"request {self.request_id!r}: the prompt must have at least one token")
         self.prompt_token_ids = list(self.prompt_token_ids)
+        self.group = self.group or self.request_id
         self.all_token_ids: list[int] = self.prompt_token_ids + list(self.output_token_ids)
 
     @property

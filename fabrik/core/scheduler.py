@@ -6,11 +6,17 @@ Pure Python (no torch). One engine step is::
 
 Each step has a token budget. Running requests go first (oldest first), each asking for
 ``num_tokens - num_computed_tokens`` tokens: 1 for a decode, the rest of a prompt for a
-chunked prefill. Waiting requests are admitted next, oldest first, after their prefix-cache
-hits, while budget, free blocks and the cap on running sequences allow; a prompt larger
-than what is left of the budget is cut into chunks over several steps. When a running
-request cannot get a block, the newest running request is preempted: its blocks are freed
-and it goes back to the head of the queue, to be recomputed later from its tokens.
+chunked prefill. Waiting requests are admitted next, after their prefix-cache hits, while
+budget, free blocks and the cap on running sequences allow: the oldest of the client request
+(``Request.group``: its prompts x n sequences) that has the fewest sequences running, so one
+big request shares the engine with the small ones that come after it. A prompt larger than
+what is left of the budget is cut into chunks over several steps; prompt positions whose
+logprobs are computed have a budget of their own per step (each costs an LM head row).
+
+Preemption frees a request's blocks and puts it back at the head of the queue, to be
+recomputed later from its tokens: the newest running request when a running request cannot
+get a block, and, when a waiting group has nothing running and no room, the newest sequence
+of the group running the most.
 """
 
 from __future__ import annotations
@@ -105,45 +111,120 @@ class Scheduler:
     # -- the step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        logprob_budget = self.config.max_prompt_logprob_tokens
         bm = self.block_manager
         chunks: list[ScheduledChunk] = []
-        preempted: list[str] = []
+        preempted: list[str] = self._preempt_for_starved_group()
+        short_of_memory = False
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._limit_prompt_logprobs(
+                request, min(request.num_tokens - request.num_computed_tokens, budget), logprob_budget)
+            if num_new == 0:  # out of this step's prompt-logprob budget: it goes on next step
+                i += 1
+                continue
             while not bm.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.append(victim.request_id)
+                short_of_memory = True
                 if victim is request:
                     break
             else:
                 chunks.append(self._chunk(request, num_new))
                 budget -= num_new
+                logprob_budget -= self._prompt_logprob_positions(request, num_new)
                 i += 1
 
-        # NOTE: no admissions in a step that had to preempt: memory is short already.
-        while (not preempted and self.waiting and budget > 0
+        # NOTE: no admissions in a step that had to preempt for memory: memory is short already.
+        running_per_group = self._running_per_group()
+        while (not short_of_memory and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
-            request = self.waiting[0]
+            index = self._next_waiting(running_per_group)
+            request = self.waiting[index]
             computed_blocks, num_cached = (bm.get_computed_blocks(request)
                                            if request.use_prefix_cache else ([], 0))
-            num_new = min(request.num_tokens - num_cached, budget)
-            if not bm.allocate_slots(request, num_new, computed_blocks):
+            num_new = self._limit_prompt_logprobs(request, min(request.num_tokens - num_cached, budget),
+                                                  logprob_budget, start=num_cached)
+            if num_new == 0 or not bm.allocate_slots(request, num_new, computed_blocks):
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
                 bm.record_prefix_query(request.num_prompt_tokens, num_cached)
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            running_per_group[request.group] = running_per_group.get(request.group, 0) + 1
             chunks.append(self._chunk(request, num_new))
             budget -= num_new
+            logprob_budget -= self._prompt_logprob_positions(request, num_new)
 
         return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    # -- fairness between client requests ------------------------------------------------
+    def _running_per_group(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for request in self.running:
+            counts[request.group] = counts.get(request.group, 0) + 1
+        return counts
+
+    def _next_waiting(self, running_per_group: dict[str, int]) -> int:
+        """Index of the waiting request to admit next: the oldest of the group with the fewest running sequences.
+
+        So one client request of many sequences (prompts x n) cannot hold every slot while others wait.
+        """
+        best, best_running = 0, None
+        for index, request in enumerate(self.waiting):
+            running = running_per_group.get(request.group, 0)
+            if best_running is None or running < best_running:
+                best, best_running = index, running
+                if running == 0:
+                    break
+        return best
+
+    def _preempt_for_starved_group(self) -> list[str]:
+        """When the next waiting request's group has nothing running and there is no room for it (no free slot, or
+        too few free blocks for its first chunk), preempt the newest sequences of the group running the most, as long
+        as that group runs at least two: a starved client waits for one step, not for a whole batch to finish."""
+        if not self.waiting:
+            return []
+        counts = self._running_per_group()
+        candidate = self.waiting[self._next_waiting(counts)]
+        if counts.get(candidate.group, 0) > 0:
+            return []
+        bm = self.block_manager
+        first_chunk = min(candidate.num_tokens, self.config.max_num_batched_tokens)
+        preempted: list[str] = []
+        while (len(self.running) >= self.config.max_num_seqs
+               or bm.num_free_blocks < bm.blocks_needed(first_chunk)):
+            biggest = max(counts, key=lambda group: counts[group], default=None)
+            if biggest is None or counts[biggest] < 2:
+                break
+            victim = next(r for r in reversed(self.running) if r.group == biggest)
+            self.running.remove(victim)
+            self._preempt(victim)
+            counts[biggest] -= 1
+            preempted.append(victim.request_id)
+        return preempted
+
+    # -- prompt logprobs -----------------------------------------------------------------
+    @staticmethod
+    def _prompt_logprob_positions(request: Request, num_new: int, start: int | None = None) -> int:
+        """Positions of a chunk whose logits predict a prompt token (those prompt logprobs are computed for)."""
+        if not request.computes_prompt_logprobs:
+            return 0
+        start = request.num_computed_tokens if start is None else start
+        return max(0, min(start + num_new, request.num_prompt_tokens - 1) - start)
+
+    def _limit_prompt_logprobs(self, request: Request, num_new: int, logprob_budget: int,
+                               start: int | None = None) -> int:
+        """``num_new``, cut so the chunk's prompt-logprob positions fit what is left of the step's budget."""
+        if self._prompt_logprob_positions(request, num_new, start) <= max(logprob_budget, 0):
+            return num_new
+        return max(logprob_budget, 0)
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens

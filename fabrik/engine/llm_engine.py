@@ -100,7 +100,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(max_model_len=max_len, max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_num_seqs=config.max_num_seqs),
+                            max_num_seqs=config.max_num_seqs,
+                            max_prompt_logprob_tokens=config.max_prompt_logprob_tokens),
             self.block_manager)
         self._seqs: dict[str, _Sequence] = {}          # core request id -> sequence
         self._children: dict[str, list[str]] = {}      # request id -> core request ids
@@ -126,8 +127,17 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> None:
-        """Queue a request; raises ValueError (naming the problem) if it can never run."""
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
+                    group: str | None = None) -> None:
+        """Queue a request; raises ValueError (naming the problem) if it can never run.
+
+        Args:
+            request_id: Unique among the engine's unfinished requests.
+            prompt: Text or token ids.
+            params: How to sample.
+            group: The client request it belongs to (a completions request's prompts share one), for fair
+                admission; default: the request itself (its ``n`` sequences form the group).
+        """
         if request_id in self._children:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = self.encode_prompt(prompt)
@@ -145,7 +155,8 @@ class LLMEngine:
         for index in range(params.n):
             core_id = request_id if params.n == 1 else f"{request_id}#{index}"
             core = Request(core_id, prompt_ids, stopping, sampling_params=params,
-                           use_prefix_cache=params.prompt_logprobs is None)
+                           use_prefix_cache=params.prompt_logprobs is None, group=group or request_id,
+                           computes_prompt_logprobs=params.prompt_logprobs is not None)
             generator = None
             if params.seed is not None:
                 generator = torch.Generator().manual_seed((params.seed + index) % 2**64)

@@ -32,6 +32,11 @@ from fabrik.sampling.logprobs import TokenLogprob, compute_logprobs
 from fabrik.sampling.sampler import Sampler, SamplingRow
 
 
+PROMPT_LOGPROB_ROWS = 64
+"""Prompt positions whose logits are held at once: 64 rows of a 152k vocabulary are 39 MB in float32 (about three
+times that with the log-softmax and the rank comparisons), whatever the prompt's length."""
+
+
 @dataclass(frozen=True)
 class ModelRunnerOutput:
     """What one step produced, keyed by request id."""
@@ -121,10 +126,13 @@ class ModelRunner:
 
         prompt_logprobs: dict[str, list[TokenLogprob]] = {}
         if plp_idx:
+            ks = [requests[rid].sampling_params.prompt_logprobs for rid in plp_owner]
+            targets = torch.tensor(plp_target, dtype=torch.int64)
             with torch.inference_mode():
-                logits = self.model.compute_logits(hidden[plp_idx])  # (P, V) float32
-                ks = [requests[rid].sampling_params.prompt_logprobs for rid in plp_owner]
-                lps = compute_logprobs(logits, torch.tensor(plp_target, dtype=torch.int64), ks)
-            for rid, lp in zip(plp_owner, lps):
-                prompt_logprobs.setdefault(rid, []).append(lp)
+                for lo in range(0, len(plp_idx), PROMPT_LOGPROB_ROWS):
+                    rows_idx = plp_idx[lo:lo + PROMPT_LOGPROB_ROWS]
+                    chunk_logits = self.model.compute_logits(hidden[rows_idx])  # (R, V) float32
+                    lps = compute_logprobs(chunk_logits, targets[lo:lo + len(rows_idx)], ks[lo:lo + len(rows_idx)])
+                    for rid, lp in zip(plp_owner[lo:lo + len(rows_idx)], lps):
+                        prompt_logprobs.setdefault(rid, []).append(lp)
         return ModelRunnerOutput(sampled, logprobs, prompt_logprobs)
