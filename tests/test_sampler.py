@@ -468,3 +468,18 @@ def test_sampler_rejects_nan_logits(params):
     logits[1, 2] = math.nan
     with pytest.raises(ValueError, match=r"NaN in rows \[1\]"):
         Sampler([EOS])(logits, [row(params)] * 3)
+
+
+def test_batched_top_k_equals_the_row_by_row_rule():
+    # Rows with and without ties (values rounded to few levels make many), several k per batch.
+    from fabrik.sampling.logprobs import _top_k
+
+    gen = torch.Generator().manual_seed(0)
+    for levels in (None, 4, 2):
+        logits = torch.randn(24, 50, generator=gen)
+        if levels is not None:
+            logits = (logits * levels).round() / levels
+        ks = [int(k) for k in torch.randint(0, 8, (24,), generator=gen)]
+        result = compute_logprobs(logits, torch.zeros(24, dtype=torch.int64), ks)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        assert [r.top for r in result] == [_top_k(logprobs[i], k) for i, k in enumerate(ks)]

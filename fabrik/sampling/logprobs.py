@@ -63,17 +63,28 @@ def compute_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: Sequence[int
     chosen_list = chosen.tolist()
     chosen_logprob_list = chosen_logprobs[:, 0].tolist()
     rank_list = ranks.tolist()
-    results = []
-    for row in range(num_rows):
-        results.append(
-            TokenLogprob(
-                token_id=chosen_list[row],
-                logprob=chosen_logprob_list[row],
-                rank=rank_list[row],
-                top=_top_k(logprobs[row], min(k[row], vocab_size)),
-            )
-        )
-    return results
+    tops = _top_ks(logprobs, [min(row_k, vocab_size) for row_k in k])
+    return [TokenLogprob(token_id=chosen_list[row], logprob=chosen_logprob_list[row], rank=rank_list[row],
+                         top=tops[row]) for row in range(num_rows)]
+
+
+def _top_ks(logprobs: torch.Tensor, k: Sequence[int]) -> list[tuple[tuple[int, float], ...]]:
+    """``_top_k`` of every row of (N, V) ``logprobs``: one batched topk, and the exact tie rule only for the rows
+    that have a tie among their k + 1 largest values (only there can the order or the set depend on it)."""
+    k_max = max(k)
+    if k_max == 0:
+        return [() for _ in k]
+    width = min(k_max + 1, logprobs.shape[1])
+    values, ids = torch.topk(logprobs, width, dim=1)  # (N, width), largest first
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1).tolist() if width > 1 else [False] * len(k)
+    value_rows, id_rows = values.tolist(), ids.tolist()
+    tops = []
+    for row, row_k in enumerate(k):
+        if tied[row]:
+            tops.append(_top_k(logprobs[row], row_k))
+        else:
+            tops.append(tuple(zip(id_rows[row][:row_k], value_rows[row][:row_k])))
+    return tops
 
 
 def _top_k(row: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
