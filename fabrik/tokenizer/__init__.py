@@ -2,6 +2,7 @@
 
 from fabrik.tokenizer.chat_template import ChatTemplate, ChatTemplateError
 from fabrik.tokenizer.detokenizer import IncrementalDetokenizer
-from fabrik.tokenizer.tokenizer import Tokenizer
+from fabrik.tokenizer.tokenizer import ChatPrompt, Tokenizer, TokenLimitExceeded
 
-__all__ = ["ChatTemplate", "ChatTemplateError", "IncrementalDetokenizer", "Tokenizer"]
+__all__ = ["ChatPrompt", "ChatTemplate", "ChatTemplateError", "IncrementalDetokenizer", "Tokenizer",
+           "TokenLimitExceeded"]

@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
+from fabrik.tokenizer.bounded import TokenLimitExceeded, check_within
 from fabrik.tokenizer.chat_template import ChatTemplate, ChatTemplateError
+from fabrik.tokenizer.content import AddedTokenPattern, ContentGuard
 
-__all__ = ["Tokenizer"]
+__all__ = ["ChatPrompt", "Tokenizer", "TokenLimitExceeded"]
 
 # The named special tokens that transformers passes to chat templates, in its order.
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -123,6 +126,26 @@ def _load_backend(
     return backend, frozenset(special)
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation rendered by the chat template, and its token ids."""
+
+    text: str
+    """The prompt text (as the template wrote it, the client's strings included)."""
+    token_ids: list[int]
+    """Its ids, control tokens only where the template wrote them (unless the caller allowed them in content)."""
+
+
+def _without_added_tokens(backend: BackendTokenizer) -> BackendTokenizer:
+    """A copy of ``backend`` that matches no added tokens: text in, the ids of its characters out."""
+    data = json.loads(backend.to_str())
+    data["added_tokens"] = []
+    plain = BackendTokenizer.from_str(json.dumps(data))
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
+
+
 class Tokenizer:
     """Text <-> token ids, and conversations -> prompt text, for one model.
 
@@ -167,6 +190,10 @@ class Tokenizer:
         named_ids = (self._named_token_id(name) for name in self.special_tokens)
         self.all_special_ids: frozenset[int] = frozenset(special_ids).union(named_ids)
         self.chat_template = None if chat_template is None else ChatTemplate(chat_template, self.special_tokens)
+        added = backend.get_added_tokens_decoder()
+        self.content_guard = ContentGuard(
+            AddedTokenPattern(t.content, i, t.lstrip, t.rstrip, t.single_word) for i, t in added.items())
+        self._plain_backend = _without_added_tokens(backend) if self.chat_template is not None else None
 
     def _named_token_id(self, name: str) -> int | None:
         content = self.special_tokens.get(name)
@@ -216,14 +243,67 @@ class Tokenizer:
             chat_template=_load_chat_template(folder, config),
         )
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, *, limit: int | None = None) -> list[int]:
         """Token ids of `text`, as transformers' `tokenizer(text)["input_ids"]`.
 
         Args:
             text: The text; special tokens written in it (e.g. `<|im_start|>`) become their ids.
             add_special_tokens: Add the model's BOS/EOS if its post-processor does.
+            limit: Most tokens allowed; a longer text raises as soon as that is certain (see `bounded.py`).
+
+        Raises:
+            TokenLimitExceeded: (a `ValueError`) the text has more than `limit` tokens.
         """
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if limit is not None:
+            check_within(self._backend, [text], limit)
+        encoding = self._backend.encode(text, add_special_tokens=add_special_tokens)
+        if limit is not None and len(encoding) > limit:
+            raise TokenLimitExceeded(len(encoding), limit, exact=True)
+        return encoding.ids
+
+    def encode_chat(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+        limit: int | None = None,
+        special_tokens_in_content: bool = False,
+    ) -> ChatPrompt:
+        """Render a conversation with the chat template and encode it.
+
+        Args:
+            messages, tools, add_generation_prompt, chat_template_kwargs: As for `apply_chat_template`.
+            limit: Most tokens allowed (see `encode`).
+            special_tokens_in_content: Let special-token strings in the messages and tools become control tokens (for
+                trusted callers); by default they are text (`content.py`), as OpenAI does.
+
+        Raises:
+            ValueError: the template refused the conversation, or it has more than `limit` tokens.
+        """
+        if special_tokens_in_content or self._plain_backend is None:
+            text = self.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                            chat_template_kwargs=chat_template_kwargs)
+            return ChatPrompt(text, self.encode(text, add_special_tokens=False, limit=limit))
+        guarded = self.content_guard.protect({"messages": messages, "tools": tools})
+        rendered = self.apply_chat_template(
+            guarded.value["messages"], tools=guarded.value["tools"], add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs)
+        pieces = self.content_guard.split(rendered, guarded.originals)
+        texts = [p for p in pieces if isinstance(p, str)]
+        if limit is not None:
+            check_within(self._plain_backend, texts, limit, counted=len(pieces) - len(texts))
+        encoded = iter(self._plain_backend.encode_batch(texts, add_special_tokens=False))
+        ids: list[int] = []
+        for piece in pieces:
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                ids.extend(next(encoded).ids)
+        if limit is not None and len(ids) > limit:
+            raise TokenLimitExceeded(len(ids), limit, exact=True)
+        return ChatPrompt(self.content_guard.restore(rendered, guarded.originals), ids)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`, as transformers' `decode`; invalid or incomplete UTF-8 becomes U+FFFD.
