@@ -110,7 +110,7 @@ class FakeEngine:
         self.fail_steps = 0
         self.fail_probe = False
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt, params: SamplingParams, group: str | None = None) -> None:
         if params.max_tokens is not None and params.max_tokens > 100:
             raise ValueError("max_tokens too large for the fake engine")
         self.requests[request_id] = [params.max_tokens or 1, params.n]

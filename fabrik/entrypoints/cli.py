@@ -72,7 +72,10 @@ def _generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from fabrik.bench.cli import add_bench_parser
 
+    from fabrik import __version__
+
     parser = argparse.ArgumentParser(prog="fabrik", description="LLM inference engine and OpenAI-compatible server")
+    parser.add_argument("--version", action="version", version=f"fabrik {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
@@ -94,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from fabrik.server.cli import add_serve_parser
     except ImportError as exc:  # the server's optional dependencies are missing
-        serve = sub.add_parser("serve", help="OpenAI-compatible server (needs: pip install 'fabrik[server]')")
+        # NOTE: takes any arguments (--help included), so that every `fabrik serve ...` says what to install instead
+        # of "unrecognized arguments".
+        serve = sub.add_parser("serve", help="OpenAI-compatible server (needs: pip install 'fabrik[server]')",
+                               add_help=False, prefix_chars="\0")
+        serve.add_argument("arguments", nargs="*")
         serve.set_defaults(func=lambda _args, _exc=exc: _missing_server(_exc))
     else:
         add_serve_parser(sub)

@@ -1,121 +1,57 @@
-"""The FastAPI application: routes, the API-key and body-size guard, and errors in OpenAI's shape.
+"""The FastAPI application: routes, middleware (middleware.py) and errors in OpenAI's shape.
 
 Routes::
 
-    GET  /health                 200 when the engine can generate, else 503 (no API key needed)
+    GET|HEAD /health             200 when the engine can generate, else 503 (no API key needed)
     GET  /metrics                Prometheus text
+    GET  /openapi.json           the schema of the routes below
     GET  /v1/models[/{id}]       the served model
     POST /v1/chat/completions    chat.py
     POST /v1/completions         completions.py
-    POST /tokenize, /detokenize  vLLM's shapes
+    POST /tokenize, /detokenize  vLLM's shapes (tokenize.py)
+
+A request's text work (chat template, tokenizing) runs on the preparer's threads (preparer.py), never on the event
+loop, so one big request cannot stall the others or /health.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hashlib
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.middleware.cors import CORSMiddleware
 
+from fabrik import __version__
 from fabrik.engine.llm_engine import LLMEngine
-from fabrik.server import chat, completions
-from fabrik.server.common import ServerContext, encode, unless_disconnected, until_disconnected
+from fabrik.server import chat, completions, tokenize
+from fabrik.server.common import ServerContext, unless_disconnected, until_disconnected
 from fabrik.server.config import ModelInfo, ServerConfig
 from fabrik.server.engine_client import EngineClient, EngineDeadError, EngineError, QueueFullError
 from fabrik.server.errors import APIError, bad_request, from_value_error, validation_error
 from fabrik.server.metrics import ServerMetrics
+from fabrik.server.middleware import GuardMiddleware, RequestContextMiddleware
+from fabrik.server.openapi import install_openapi, request_body
+from fabrik.server.preparer import Preparer
 from fabrik.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-    TokenizeRequest, TokenizeResponse)
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from fabrik.server.validation import check_unicode
 
 logger = logging.getLogger(__name__)
 
-_OPEN_PATHS = frozenset({"/health"})
 # Status of a response nobody reads: the client disconnected before the result was ready (nginx's convention).
 _CLIENT_CLOSED = 499
-
-
-class GuardMiddleware:
-    """Checks the API key (401) and the body size (413) before a route sees the request.
-
-    The body is read here, up to the limit, and replayed to the app; a larger body is refused as soon as its
-    Content-Length or its bytes so far pass the limit, without reading or storing the rest.
-    """
-
-    def __init__(self, app: ASGIApp, config: ServerConfig) -> None:
-        self.app = app
-        self.config = config
-        self.keys = [key.encode() for key in config.api_keys]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        if self.keys and scope["path"] not in _OPEN_PATHS:
-            error = self._check_key(headers.get(b"authorization"))
-            if error is not None:
-                await error.response()(scope, receive, send)
-                return
-        limit = self.config.max_request_bytes
-        too_large = APIError(413, f"the request body is larger than the limit of {limit} bytes",
-                             "invalid_request_error", None, "request_too_large")
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await too_large.response()(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await too_large.response()(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            error = bad_request(f"the request body is not valid UTF-8 (byte {exc.start})")
-            await error.response()(scope, receive, send)
-            return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    def _check_key(self, authorization: bytes | None) -> APIError | None:
-        if not authorization:
-            return APIError(401, "You didn't provide an API key: send it as 'Authorization: Bearer KEY'",
-                            "invalid_request_error", None, "invalid_api_key")
-        scheme, _, token = authorization.partition(b" ")
-        token = token.strip()
-        # NOTE: compare_digest against every key, without stopping early, so timing tells nothing about them.
-        matches = [hmac.compare_digest(token, key) for key in self.keys]
-        if scheme.lower() != b"bearer" or not any(matches):
-            return APIError(401, "Incorrect API key provided", "invalid_request_error", None, "invalid_api_key")
-        return None
 
 
 def _json(model: Any, status: int = 200) -> Response:
@@ -133,13 +69,22 @@ def uses_reasoning(engine: LLMEngine) -> bool:
     return template is not None and any("<think>" in source for source in template.templates.values())
 
 
+def system_fingerprint(engine: LLMEngine) -> str:
+    """What decides the tokens besides the request: fabrik's version, the weights, dtype, formats and kernels."""
+    config = engine.config
+    parts = (__version__, str(engine.model_path), str(engine.dtype), config.quantization or "",
+             config.kv_cache_dtype, engine.runner.kernel_backend)
+    return "fp_" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
 def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     """The FastAPI app serving ``engine``; the engine thread starts with the app (its lifespan)."""
     metrics = ServerMetrics(config.served_model_name)
     client = EngineClient(engine, metrics, config.max_waiting_requests)
+    preparer = Preparer(config.prepare_workers, config.max_preparing_requests)
     ctx = ServerContext(config=config, model=model_info(engine, config.served_model_name),
                         tokenizer=engine.tokenizer, client=client, reasoning=uses_reasoning(engine),
-                        sampling_defaults=dict(engine.sampling_defaults))
+                        sampling_defaults=dict(engine.sampling_defaults), fingerprint=system_fingerprint(engine))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -148,29 +93,37 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         if not client.healthy:
             logger.error("the engine cannot generate: %s", client.dead_reason)
         yield
+        preparer.close()
         await asyncio.to_thread(client.stop)
 
-    app = FastAPI(title="fabrik", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # NOTE: no slash redirects: Starlette builds their Location from the client's Host header.
+    app = FastAPI(title="fabrik", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", redirect_slashes=False)
     app.state.ctx = ctx
     app.add_middleware(GuardMiddleware, config=config)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
+                           allow_methods=["GET", "HEAD", "POST", "DELETE", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=["x-request-id", "x-should-retry", "retry-after"], max_age=600)
+    app.add_middleware(RequestContextMiddleware)
     _add_error_handlers(app)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"], include_in_schema=False)
     async def health() -> Response:
         if client.healthy:
             return Response(status_code=200)
         return APIError(503, f"the engine cannot generate: {client.dead_reason or 'starting'}",
                         "service_unavailable").response()
 
-    @app.get("/metrics")
+    @app.get("/metrics", include_in_schema=False)
     async def metrics_route() -> Response:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": ModelList}})
     async def list_models() -> Response:
         return _json(ModelList(data=[_model_card(ctx)]))
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}})
     async def get_model(model_id: str) -> Response:
         ctx.check_model(model_id)
         return _json(_model_card(ctx))
@@ -184,46 +137,92 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         result = await unless_disconnected(request, run.response())
         return Response(status_code=_CLIENT_CLOSED) if result is None else _json(result)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    @app.post("/v1/chat/completions", response_model=None, responses={200: {"model": ChatCompletionResponse}},
+              openapi_extra=request_body(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
         arrival = time.monotonic()
-        run = chat.ChatRun(ctx, chat.prepare(ctx, body), ctx.model.name)
-        return await _serve(run, arrival, body.stream, request)
+        prepared, stream = await preparer.run(_prepare_chat, ctx, await request.body(), request.headers)
+        return await _serve(chat.ChatRun(ctx, prepared, ctx.model.name), arrival, stream, request)
 
-    @app.post("/v1/completions", response_model=None)
-    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    @app.post("/v1/completions", response_model=None, responses={200: {"model": CompletionResponse}},
+              openapi_extra=request_body(CompletionRequest))
+    async def create_completion(request: Request) -> Response:
         arrival = time.monotonic()
-        run = completions.CompletionRun(ctx, completions.prepare(ctx, body), ctx.model.name)
-        return await _serve(run, arrival, body.stream, request)
+        prepared, stream = await preparer.run(_prepare_completion, ctx, await request.body(), request.headers)
+        return await _serve(completions.CompletionRun(ctx, prepared, ctx.model.name), arrival, stream, request)
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> Response:
-        ctx.check_model(body.model)
-        tokenizer = ctx.need_tokenizer("tokenize")
-        if (body.prompt is None) == (body.messages is None):
-            raise bad_request("give exactly one of prompt or messages", "prompt")
-        if body.messages is not None:
-            text = chat.render_prompt(ctx, body.messages, body.tools, body.chat_template_kwargs,
-                                      add_generation_prompt=body.add_generation_prompt)
-            add_special = bool(body.add_special_tokens)
-        else:
-            text = body.prompt or ""
-            add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = encode(tokenizer, text, "messages" if body.messages is not None else "prompt", add_special)
-        strs = [tokenizer.token_to_text(t) for t in ids] if body.return_token_strs else None
-        return _json(TokenizeResponse(count=len(ids), max_model_len=ctx.model.max_model_len, tokens=ids,
-                                      token_strs=strs))
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse}}, openapi_extra=request_body(TokenizeRequest))
+    async def tokenize_route(request: Request) -> Response:
+        return _json(await preparer.run(_tokenize, ctx, await request.body(), request.headers))
 
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest) -> Response:
-        ctx.check_model(body.model)
-        tokenizer = ctx.need_tokenizer("detokenize")
-        bad = next((t for t in body.tokens if not 0 <= t < ctx.model.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"token id {bad} is out of range [0, {ctx.model.vocab_size})", "tokens")
-        return _json(DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False)))
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}},
+              openapi_extra=request_body(DetokenizeRequest))
+    async def detokenize_route(request: Request) -> Response:
+        return _json(await preparer.run(_detokenize, ctx, await request.body(), request.headers))
 
+    install_openapi(app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest])
     return app
+
+
+# -- on the preparer's threads: parse, check and prepare a body --------------------------------------------------
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+def parse_body(model: type[_Body], raw: bytes, headers: Mapping[str, str], max_items: int | None = None) -> _Body:
+    """The request body as ``model``, its strings checked (400s in OpenAI's shape, naming the field).
+
+    ``max_items``: most ``messages`` or ``prompt`` entries worth validating (each costs at least one token, so more
+    cannot fit the context); counted before validation, which holds the GIL (~0.3 s for 100,000 messages).
+    """
+    content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise bad_request("the request body must be a JSON object, sent with Content-Type: application/json")
+    # NOTE: json.loads, not pydantic's JSON parser: that one refuses a lone surrogate as bad JSON, where we can name
+    # the field that holds it (check_unicode).
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request is nested too deeply") from None
+    if max_items is not None:
+        _check_list_lengths(data, max_items)
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+    check_unicode(body)
+    return body
+
+
+def _check_list_lengths(data: Any, max_items: int) -> None:
+    if not isinstance(data, dict):
+        return
+    for name in ("messages", "prompt"):
+        items = data.get(name)
+        if isinstance(items, list) and len(items) > max_items:
+            raise APIError(400, f"{name} has {len(items)} entries; each takes at least one token of the context "
+                                f"({max_items + 1} tokens)", "invalid_request_error", name, "context_length_exceeded")
+
+
+def _prepare_chat(ctx: ServerContext, raw: bytes, headers: Mapping[str, str]) -> tuple[chat.PreparedChat, bool]:
+    body = parse_body(ChatCompletionRequest, raw, headers, ctx.model.max_model_len)
+    return chat.prepare(ctx, body), body.stream
+
+
+def _prepare_completion(ctx: ServerContext, raw: bytes,
+                        headers: Mapping[str, str]) -> tuple[completions.PreparedCompletion, bool]:
+    body = parse_body(CompletionRequest, raw, headers, ctx.model.max_model_len)
+    return completions.prepare(ctx, body), body.stream
+
+
+def _tokenize(ctx: ServerContext, raw: bytes, headers: Mapping[str, str]) -> TokenizeResponse:
+    limit = tokenize.TOKENIZE_LIMIT_FACTOR * ctx.model.max_model_len
+    return tokenize.tokenize(ctx, parse_body(TokenizeRequest, raw, headers, limit))
+
+
+def _detokenize(ctx: ServerContext, raw: bytes, headers: Mapping[str, str]) -> DetokenizeResponse:
+    return tokenize.detokenize(ctx, parse_body(DetokenizeRequest, raw, headers))
 
 
 def _model_card(ctx: ServerContext) -> ModelCard:
@@ -265,12 +264,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(_request: Request, exc: RequestValidationError) -> Response:
-        return validation_error(exc).response()
+        return validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        return APIError(exc.status_code, str(exc.detail), kind).response()
+        return APIError(exc.status_code, str(exc.detail), kind, headers=exc.headers).response()  # 405: Allow
 
     @app.exception_handler(QueueFullError)
     async def queue_full(request: Request, exc: QueueFullError) -> Response:
@@ -291,7 +290,4 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def engine_error(_request: Request, exc: EngineError) -> Response:
         return APIError(500, str(exc), "internal_server_error").response()
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> Response:
-        logger.exception("unexpected error", exc_info=exc)
-        return APIError(500, f"internal error: {type(exc).__name__}", "internal_server_error").response()
+    # NOTE: no handler for Exception: RequestContextMiddleware answers those (see its docstring).

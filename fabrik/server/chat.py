@@ -21,17 +21,19 @@ from typing import Any
 from fabrik.outputs import SequenceUpdate
 from fabrik.sampling.params import SamplingParams
 from fabrik.server.common import (
-    ServerContext, chat_logprobs, check_context, check_max_tokens, check_stream_options, default_max_tokens, encode,
-    new_id, sampling_params, usage, with_max_tokens)
+    ServerContext, chat_logprobs, check_context, check_max_tokens, check_sequences, check_stream_options,
+    default_max_tokens, new_id, sampling_params, usage, with_max_tokens)
 from fabrik.server.config import ALLOWED_CHAT_TEMPLATE_KWARGS
-from fabrik.server.errors import bad_request
+from fabrik.server.errors import bad_request, context_length_exceeded
 from fabrik.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
     ChatResponseMessage, ChoiceLogprobs, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCallOut,
     TokenLogprobOut, ToolCallOut, Tool)
 from fabrik.server.reasoning import ReasoningParser
-from fabrik.server.tool_calls import ToolCallDelta, ToolCallStreamParser
+from fabrik.server.tool_calls import TOOL_CALL_END, ToolCallDelta, ToolCallStreamParser
+from fabrik.server.unsupported import check_chat_fields
 from fabrik.server.streaming import guarded, sse_event
+from fabrik.tokenizer import ChatPrompt, TokenLimitExceeded
 
 
 @dataclass
@@ -44,13 +46,23 @@ class PreparedChat:
     include_usage: bool
     start_in_reasoning: bool
     tools_active: bool
+    tool_names: frozenset[str] = frozenset()
+    """The functions the request offers: a call to any other stays content."""
+    max_tool_calls: int | None = None
+    """1 with ``parallel_tool_calls: false``; None: any number."""
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def message_dicts(messages: list[ChatMessage], split_reasoning: bool = False) -> list[dict[str, Any]]:
     """Messages as the chat template reads them: text parts joined, ``developer`` as ``system``.
 
     NOTE: ``content: null`` (an assistant turn that only calls tools) becomes "": templates such as Qwen3's read
     ``message.content`` unconditionally and fail when it is missing.
+
+    Args:
+        messages: The request's messages.
+        split_reasoning: Move an assistant turn's ``<think>...</think>`` out of its content into
+            ``reasoning_content``, as Qwen3's template does itself: the content's tags are text to the tokenizer now
+            (``tokenizer/content.py``), so the template must not see them there.
     """
     out = []
     for message in messages:
@@ -61,9 +73,14 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             item["content"] = ""
         if message.role == "developer":
             item["role"] = "system"
-        if message.role == "assistant" and message.tool_calls:
-            for call in item["tool_calls"]:
-                call["function"]["arguments"] = _arguments_object(call["function"]["arguments"])
+        if message.role == "assistant":
+            if message.tool_calls:
+                for call in item["tool_calls"]:
+                    call["function"]["arguments"] = _arguments_object(call["function"]["arguments"])
+            if split_reasoning and message.reasoning_content is None and "</think>" in item["content"]:
+                reasoning, _, content = item["content"].partition("</think>")
+                item["reasoning_content"] = reasoning.rstrip("\n").split("<think>")[-1].lstrip("\n")
+                item["content"] = content.split("</think>")[-1].lstrip("\n")
         out.append(item)
     return out
 
@@ -76,18 +93,27 @@ def _arguments_object(arguments: str) -> Any:
         return arguments
 
 
-def render_prompt(ctx: ServerContext, messages: list[ChatMessage], tools: list[Tool] | None,
-                  chat_template_kwargs: dict[str, Any] | None, add_generation_prompt: bool = True) -> str:
-    """The prompt text of a conversation (400 naming ``messages`` if the template refuses it)."""
+def encode_messages(ctx: ServerContext, messages: list[ChatMessage], tools: list[Tool] | None,
+                    chat_template_kwargs: dict[str, Any] | None, add_generation_prompt: bool = True,
+                    limit: int | None = None) -> ChatPrompt:
+    """The prompt of a conversation, text and ids (400 naming ``messages`` if the template refuses it or it has more
+    than ``limit`` tokens, by default what could fit the context). Special-token strings in the messages and tools
+    stay text unless the operator allowed them."""
     tokenizer = ctx.need_tokenizer("chat")
     if not messages:
         raise bad_request("messages must contain at least one message", "messages")
+    limit = ctx.model.max_model_len - 1 if limit is None else limit
+    if len(messages) > limit:  # every message takes at least one token
+        raise context_length_exceeded(ctx.model.max_model_len, len(messages), None, "messages", at_least=True)
     kwargs = check_chat_template_kwargs(chat_template_kwargs)
     tool_dicts = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
     try:
-        return tokenizer.apply_chat_template(message_dicts(messages), tools=tool_dicts,
-                                             add_generation_prompt=add_generation_prompt,
-                                             chat_template_kwargs=kwargs)
+        return tokenizer.encode_chat(message_dicts(messages, split_reasoning=ctx.reasoning), tools=tool_dicts,
+                                     add_generation_prompt=add_generation_prompt, chat_template_kwargs=kwargs,
+                                     limit=limit, special_tokens_in_content=ctx.config.allow_special_tokens_in_content)
+    except TokenLimitExceeded as exc:
+        raise context_length_exceeded(ctx.model.max_model_len, exc.num_tokens, None, "messages",
+                                      at_least=not exc.exact) from None
     except ValueError as exc:
         raise bad_request(f"the chat template refused the messages: {exc}", "messages") from None
 
@@ -107,6 +133,8 @@ def check_chat_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
 def prepare(ctx: ServerContext, req: ChatCompletionRequest) -> PreparedChat:
     """Validate, render and tokenize a chat request; every problem is a 400 naming its parameter."""
     ctx.check_model(req.model)
+    check_chat_fields(req)
+    check_sequences(ctx, 1, req.n)
     if req.chat_template is not None:
         raise bad_request("chat_template cannot be set by a request; the model's own template is used",
                           "chat_template")
@@ -125,14 +153,20 @@ def prepare(ctx: ServerContext, req: ChatCompletionRequest) -> PreparedChat:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(ctx, req, max_tokens=None, logprobs=logprobs, logprobs_param="top_logprobs")
     tools_active = bool(req.tools) and req.tool_choice != "none"
-    text = render_prompt(ctx, req.messages, req.tools if tools_active else None, req.chat_template_kwargs)
-    prompt_ids = encode(ctx.need_tokenizer("chat"), text, "messages", add_special_tokens=False)
+    prompt = encode_messages(ctx, req.messages, req.tools if tools_active else None, req.chat_template_kwargs)
+    text, prompt_ids = prompt.text, prompt.token_ids
     check_context(ctx, len(prompt_ids), max_tokens, "messages")
     if max_tokens is None:
         max_tokens = default_max_tokens(ctx, len(prompt_ids))
     params = with_max_tokens(params, max_tokens)
+    max_tool_calls = 1 if tools_active and req.parallel_tool_calls is False else None
+    if max_tool_calls == 1:
+        # The first call's closing tag ends the turn: nothing after it would be sent, so it is not generated.
+        params = params.replace(stop=(*params.stop, TOOL_CALL_END))
     start_in_reasoning = ctx.reasoning and text.rstrip().endswith("<think>")
-    return PreparedChat(new_id("chatcmpl"), prompt_ids, params, include_usage, start_in_reasoning, tools_active)
+    names = frozenset(tool.function.name for tool in req.tools or ()) if tools_active else frozenset()
+    return PreparedChat(new_id("chatcmpl"), prompt_ids, params, include_usage, start_in_reasoning, tools_active,
+                        names, max_tool_calls)
 
 
 @dataclass
@@ -182,13 +216,14 @@ class ChatRun:
         self.output: asyncio.Queue = asyncio.Queue()
         self.choices = [
             _Choice(ReasoningParser(prepared.start_in_reasoning) if ctx.reasoning else None,
-                    ToolCallStreamParser() if prepared.tools_active else None)
+                    ToolCallStreamParser(prepared.tool_names, prepared.max_tool_calls) if prepared.tools_active
+                    else None)
             for _ in range(prepared.params.n)]
         self.num_cached = 0
 
     async def start(self, arrival: float) -> None:
         """Admit the request (429 if the queue is full, 400 if the engine refuses it)."""
-        self.ctx.client.check_capacity(1)
+        self.ctx.client.check_capacity(self.prepared.params.n)
         p = self.prepared
         self.ctx.log_request(p.request_id, p.prompt_ids, p.params)
         await self.ctx.client.add(p.request_id, p.prompt_ids, p.params, self.output, arrival)
@@ -243,10 +278,12 @@ class ChatRun:
                                       finish_reason=choice.finish_reason))
         self.ctx.log_output(self.prepared.request_id, [c.message.model_dump() for c in choices])
         return ChatCompletionResponse(id=self.prepared.request_id, created=self.created, model=self.model_name,
+                                      system_fingerprint=self.ctx.fingerprint,
                                       choices=choices, usage=self._usage())
 
     def _chunk(self, choices: list[ChatChunkChoice], usage_=None) -> str:
         return sse_event(ChatCompletionChunk(id=self.prepared.request_id, created=self.created,
+                                             system_fingerprint=self.ctx.fingerprint,
                                              model=self.model_name, choices=choices, usage=usage_),
                          self.prepared.include_usage)
 

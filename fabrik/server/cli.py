@@ -41,10 +41,22 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     serve.add_argument("--max-request-bytes", default=str(_DEFAULTS.max_request_bytes),
                        help="largest request body, e.g. 8MiB (413 above)")
     serve.add_argument("--max-waiting-requests", type=int, default=_DEFAULTS.max_waiting_requests,
-                       help="requests accepted but not yet generating before new ones get 429")
+                       help="sequences (prompts x n) accepted but not yet generating before new ones get 429")
     serve.add_argument("--max-n", type=int, default=_DEFAULTS.max_n)
     serve.add_argument("--max-prompts", type=int, default=_DEFAULTS.max_prompts,
                        help="most prompts in one /v1/completions request")
+    serve.add_argument("--max-sequences-per-request", type=int, default=_DEFAULTS.max_sequences_per_request,
+                       help="most sequences (prompts x n) one request may ask for")
+    serve.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                       help="browser origin allowed to call the API (CORS; repeatable or comma-separated; '*' "
+                            "allows any); default: none")
+    serve.add_argument("--allow-special-tokens-in-content", action="store_true",
+                       help="let special-token strings in messages and tools become control tokens (trusted "
+                            "callers only: a user could write a system turn)")
+    serve.add_argument("--prepare-workers", type=int, default=_DEFAULTS.prepare_workers,
+                       help="threads that render chat templates and tokenize, off the event loop")
+    serve.add_argument("--max-preparing-requests", type=int, default=_DEFAULTS.max_preparing_requests,
+                       help="requests being rendered and tokenized at once before new ones get 429")
     serve.add_argument("--max-stop-sequences", type=int, default=_DEFAULTS.max_stop_sequences)
     serve.add_argument("--max-stop-length", type=int, default=_DEFAULTS.max_stop_length)
     serve.add_argument("--max-top-logprobs", type=int, default=_DEFAULTS.max_top_logprobs)
@@ -65,7 +77,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=parse_bytes(args.max_request_bytes), max_n=args.max_n, max_prompts=args.max_prompts,
         max_stop_sequences=args.max_stop_sequences, max_stop_length=args.max_stop_length,
         max_top_logprobs=args.max_top_logprobs, max_logit_bias=args.max_logit_bias,
-        max_waiting_requests=args.max_waiting_requests)
+        max_waiting_requests=args.max_waiting_requests, max_sequences_per_request=args.max_sequences_per_request,
+        allowed_origins=tuple(o.strip() for item in args.allowed_origins or () for o in item.split(",") if o.strip()),
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content, prepare_workers=args.prepare_workers,
+        max_preparing_requests=args.max_preparing_requests)
 
 
 def serve_main(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -18,9 +19,11 @@ from fabrik.server.config import ModelInfo, ServerConfig
 from fabrik.server.engine_client import EngineClient
 from fabrik.server.errors import APIError, bad_request, context_length_exceeded, from_value_error
 from fabrik.server.protocol import PromptTokensDetails, SamplingRequest, TopLogprob, TokenLogprobOut, Usage
-from fabrik.tokenizer import Tokenizer
+from fabrik.tokenizer import Tokenizer, TokenLimitExceeded
 
 request_logger = logging.getLogger("fabrik.server.requests")
+
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,20}")
 
 # JSON has no -inf: a token the model rules out entirely is reported with this logprob (as vLLM does).
 _MIN_LOGPROB = -9999.0
@@ -40,6 +43,8 @@ class ServerContext:
     """The chat template knows ``<think>`` (Qwen3 style): split reasoning from content."""
     sampling_defaults: dict = field(default_factory=dict)
     """The model's recommended sampling values (generation_config.json) for parameters a request leaves out."""
+    fingerprint: str = "fp_fabrik"
+    """The responses' ``system_fingerprint``: changes when anything but the request would change the tokens."""
 
     def check_model(self, requested: str | None) -> None:
         """404 unless ``requested`` is the served model (or omitted)."""
@@ -69,14 +74,18 @@ class ServerContext:
             request_logger.info("request %s: output=%r", request_id, outputs)
 
 
-def encode(tokenizer: Tokenizer, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of request text; 400 naming ``param`` if it is not valid Unicode (JSON allows lone surrogates)."""
+def encode(ctx: ServerContext, text: str, param: str, add_special_tokens: bool = True,
+           limit: int | None = None) -> list[int]:
+    """Token ids of request text (``server/validation.py`` checked it is valid Unicode); a text of more than ``limit``
+    tokens (default: what could fit the context) is refused, 400 context_length_exceeded naming ``param``, as soon as
+    that is certain."""
+    tokenizer = ctx.need_tokenizer(f"a text {param}")
+    limit = ctx.model.max_model_len - 1 if limit is None else limit
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad_request(f"{param} contains an unpaired surrogate (\\u{ord(text[exc.start]):04x}) at character "
-                          f"{exc.start}", param) from None
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens, limit=limit)
+    except TokenLimitExceeded as exc:
+        raise context_length_exceeded(ctx.model.max_model_len, exc.num_tokens, None, param,
+                                      at_least=not exc.exact) from None
 
 
 def new_id(prefix: str) -> str:
@@ -135,15 +144,24 @@ def _logit_bias(ctx: ServerContext, bias: dict[str, float] | None) -> dict[int, 
                           "logit_bias")
     parsed: dict[int, float] = {}
     for key, value in bias.items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key[:32]!r}", "logit_bias") from None
+        # NOTE: not int(key): it reads "1_0" as 10 and "٥" as 5; a token id is written in ASCII digits.
+        if not _TOKEN_ID_KEY.fullmatch(key):
+            raise bad_request(f"logit_bias keys must be token ids in decimal digits, got {key[:32]!r}", "logit_bias")
+        token_id = int(key)
         if not 0 <= token_id < ctx.model.vocab_size:
             raise bad_request(f"logit_bias names token {token_id}, outside the vocabulary [0, "
                               f"{ctx.model.vocab_size})", "logit_bias")
         parsed[token_id] = value
     return parsed
+
+
+def check_sequences(ctx: ServerContext, num_prompts: int, n: int) -> None:
+    """400 if prompts x n sequences exceed the per-request cap (or could never all wait in the queue at once)."""
+    limit = min(ctx.config.max_sequences_per_request, ctx.config.max_waiting_requests)
+    if num_prompts * n > limit:
+        param = "n" if n > 1 else "prompt"
+        raise bad_request(f"the request asks for {num_prompts * n} sequences ({num_prompts} prompts x n = {n}); at "
+                          f"most {limit} are allowed per request", param)
 
 
 def with_max_tokens(params: SamplingParams, max_tokens: int | None) -> SamplingParams:

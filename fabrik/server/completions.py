@@ -19,8 +19,8 @@ from fabrik.outputs import SequenceUpdate
 from fabrik.sampling.logprobs import TokenLogprob
 from fabrik.sampling.params import SamplingParams
 from fabrik.server.common import (
-    ServerContext, check_context, check_max_tokens, check_stream_options, clamp_logprob, default_max_tokens, encode,
-    new_id, sampling_params, usage, with_max_tokens)
+    ServerContext, check_context, check_max_tokens, check_sequences, check_stream_options, clamp_logprob,
+    default_max_tokens, encode, new_id, sampling_params, usage, with_max_tokens)
 from fabrik.server.errors import bad_request
 from fabrik.server.protocol import (
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage)
@@ -51,7 +51,13 @@ class PreparedCompletion:
     include_usage: bool
 
 
-def _prompt_inputs(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+# OpenAI's prompt when the request gives none: the document separator, "as if from the beginning of a new document".
+DEFAULT_PROMPT = "<|endoftext|>"
+
+
+def _prompt_inputs(prompt: str | list[str] | list[int] | list[list[int]] | None) -> list[str | list[int]]:
+    if prompt is None:
+        return [DEFAULT_PROMPT]
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
@@ -70,9 +76,10 @@ def prepare(ctx: ServerContext, req: CompletionRequest) -> PreparedCompletion:
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request(f"best_of ({req.best_of}) is not supported unless it equals n ({req.n})", "best_of")
     inputs = _prompt_inputs(req.prompt)
-    limit = min(ctx.config.max_prompts, ctx.config.max_waiting_requests)  # more could never be admitted at once
-    if len(inputs) > limit:
-        raise bad_request(f"prompt holds {len(inputs)} prompts; at most {limit} are allowed", "prompt")
+    if len(inputs) > ctx.config.max_prompts:
+        raise bad_request(f"prompt holds {len(inputs)} prompts; at most {ctx.config.max_prompts} are allowed",
+                          "prompt")
+    check_sequences(ctx, len(inputs), req.n)
     if req.max_tokens == 0 and not req.echo:
         raise bad_request("max_tokens must be >= 1 (0 is allowed only with echo, to score the prompt)",
                           "max_tokens")
@@ -85,7 +92,7 @@ def prepare(ctx: ServerContext, req: CompletionRequest) -> PreparedCompletion:
     prompts = []
     for i, item in enumerate(inputs):
         if isinstance(item, str):
-            ids = encode(ctx.need_tokenizer("a text prompt"), item, "prompt")
+            ids = encode(ctx, item, "prompt")
             text = item
         else:
             bad = next((t for t in item if not 0 <= t < ctx.model.vocab_size), None)
@@ -133,14 +140,14 @@ class CompletionRun:
     async def start(self, arrival: float) -> None:
         """Admit every prompt (429 if the queue is full, 400 if the engine refuses one)."""
         client = self.ctx.client
-        client.check_capacity(len(self.prepared.prompts))
+        client.check_capacity(len(self.prepared.prompts) * self.n)
         for prompt in self.prepared.prompts:
             self.ctx.log_request(prompt.request_id, prompt.prompt_ids, prompt.params)
         # NOTE: submit (not the async add) so that all prompts count as waiting before any other request is
         # checked against the limit.
         try:
-            accepted = [client.submit(p.request_id, p.prompt_ids, p.params, self.output, arrival)
-                        for p in self.prepared.prompts]
+            accepted = [client.submit(p.request_id, p.prompt_ids, p.params, self.output, arrival,
+                                      group=self.prepared.request_id) for p in self.prepared.prompts]
             results = await asyncio.gather(*accepted, return_exceptions=True)
         except BaseException:  # cancelled, or the engine died between two submits
             self.abort()
@@ -228,6 +235,7 @@ class CompletionRun:
                    for i, c in enumerate(self.choices)]
         self.ctx.log_output(self.prepared.request_id, [c.text for c in choices])
         return CompletionResponse(id=self.prepared.request_id, created=self.created, model=self.model_name,
+                                  system_fingerprint=self.ctx.fingerprint,
                                   choices=choices, usage=self._usage())
 
     def events(self) -> AsyncIterator[str]:
@@ -241,10 +249,12 @@ class CompletionRun:
             if text or logprobs is not None or update.finished:
                 yield sse_event(CompletionResponse(
                     id=self.prepared.request_id, created=self.created, model=self.model_name,
+                    system_fingerprint=self.ctx.fingerprint,
                     choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
                                               finish_reason=choice.finish_reason)]),
                     self.prepared.include_usage)
         if self.prepared.include_usage:
             yield sse_event(CompletionResponse(id=self.prepared.request_id, created=self.created,
-                                               model=self.model_name, choices=[], usage=self._usage()))
+                                               model=self.model_name, system_fingerprint=self.ctx.fingerprint,
+                                               choices=[], usage=self._usage()))
         self.ctx.log_output(self.prepared.request_id, ["".join(c.text) for c in self.choices])

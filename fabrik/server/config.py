@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # chat_template_kwargs a client may set. NOTE: never add anything that changes which template (code) runs,
@@ -33,6 +34,8 @@ class ServerConfig:
     """Most choices (``n``) one request may ask for."""
     max_prompts: int = 64
     """Most prompts in one /v1/completions request (a list of strings or of token id lists)."""
+    max_sequences_per_request: int = 64
+    """Most sequences one request may ask for: prompts x ``n`` (each is generated, and waits, on its own)."""
     max_stop_sequences: int = 32
     """Most stop strings one request may give."""
     max_stop_length: int = 512
@@ -42,9 +45,18 @@ class ServerConfig:
     max_logit_bias: int = 1024
     """Most entries in ``logit_bias``."""
     max_waiting_requests: int = 256
-    """Most requests accepted but not yet generating; more get 429 with Retry-After."""
+    """Most sequences (prompts x ``n``) accepted but not yet generating; more get 429 with Retry-After."""
     retry_after_seconds: int = 1
     """Value of the Retry-After header on 429 answers."""
+    allow_special_tokens_in_content: bool = False
+    """Let special-token strings in messages and tools become control tokens (trusted callers only: a user could
+    write a system turn); by default they are tokenized as text, as OpenAI does."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the API (CORS), e.g. ``http://localhost:3000``; ``*`` allows any; empty: none."""
+    prepare_workers: int = 2
+    """Threads that render chat templates and tokenize, off the event loop."""
+    max_preparing_requests: int = 64
+    """Most requests being rendered and tokenized at once (running or queued for a worker); more get 429."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -54,8 +66,9 @@ class ServerConfig:
         for key in self.api_keys:
             if not key or key != key.strip():
                 raise ValueError("api keys must be non-empty and have no surrounding whitespace")
-        for name in ("max_request_bytes", "max_n", "max_prompts", "max_stop_sequences", "max_stop_length",
-                     "max_waiting_requests", "retry_after_seconds"):
+        for name in ("max_request_bytes", "max_n", "max_prompts", "max_sequences_per_request", "max_stop_sequences",
+                     "max_stop_length", "max_waiting_requests", "retry_after_seconds", "prepare_workers",
+                     "max_preparing_requests"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be an int >= 1")
@@ -63,6 +76,9 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} ({value!r}) must be an int >= 0")
+        for origin in self.allowed_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"allowed origin ({origin!r}) must be '*' or scheme://host[:port], without a path")
 
 
 @dataclass(frozen=True)

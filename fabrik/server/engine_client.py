@@ -56,6 +56,7 @@ class _Add:
     output: asyncio.Queue
     accepted: asyncio.Future
     arrival: float
+    group: str | None
 
 
 @dataclass
@@ -83,7 +84,8 @@ class EngineClient:
     Args:
         engine: The engine; from now on only the engine thread may touch it.
         metrics: Where the engine thread records latencies, token counts and gauges.
-        max_waiting_requests: ``add`` raises QueueFullError when this many requests have not started yet.
+        max_waiting_requests: ``check_capacity`` raises QueueFullError when this many sequences (prompts x n)
+            have not started yet.
     """
 
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_waiting_requests: int) -> None:
@@ -93,8 +95,9 @@ class EngineClient:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._tracked: dict[str, _Tracked] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._not_started: set[str] = set()
-        """Loop side: requests that have not produced a token yet (the 429 limit counts them)."""
+        self._not_started: dict[str, int] = {}
+        """Loop side: requests that have not produced a token yet, and their sequences (the 429 limit counts these)."""
+        self._num_not_started = 0
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._dead_reason: str | None = None
@@ -126,20 +129,24 @@ class EngineClient:
 
     @property
     def num_not_started(self) -> int:
-        return len(self._not_started)
+        """Sequences (prompts x n) accepted that have not produced a token yet."""
+        return self._num_not_started
+
+    def _started(self, request_id: str) -> None:
+        self._num_not_started -= self._not_started.pop(request_id, 0)
 
     # -- the HTTP side (call on the event loop) --------------------------------------------
-    def check_capacity(self, num_requests: int) -> None:
-        """Raise QueueFullError if ``num_requests`` more would exceed the waiting limit; count it in the metrics."""
-        if self.num_not_started + num_requests > self.max_waiting_requests:
+    def check_capacity(self, num_sequences: int) -> None:
+        """Raise QueueFullError if ``num_sequences`` more would exceed the waiting limit; count it in the metrics."""
+        if self.num_not_started + num_sequences > self.max_waiting_requests:
             with self.metrics.lock:
                 self.metrics.requests_rejected += 1
-            raise QueueFullError(f"{self.num_not_started} requests are already waiting (the limit is "
+            raise QueueFullError(f"{self.num_not_started} sequences are already waiting (the limit is "
                                  f"{self.max_waiting_requests}); retry later")
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, output: asyncio.Queue,
-               arrival: float) -> asyncio.Future:
-        """Send a request to the engine thread now (it counts as waiting at once); see ``add``.
+               arrival: float, group: str | None = None) -> asyncio.Future:
+        """Send a request to the engine thread now (its sequences count as waiting at once); see ``add``.
 
         Returns:
             A future that resolves when the engine accepted the request, or fails with its error. A caller that
@@ -148,8 +155,10 @@ class EngineClient:
         if self._dead_reason is not None:
             raise EngineDeadError(f"the engine is not healthy: {self._dead_reason}")
         accepted = asyncio.get_running_loop().create_future()
-        self._not_started.add(request_id)
-        self._commands.put(_Add(request_id, prompt_ids, params, output, accepted, arrival))
+        self._started(request_id)
+        self._not_started[request_id] = params.n
+        self._num_not_started += params.n
+        self._commands.put(_Add(request_id, prompt_ids, params, output, accepted, arrival, group))
         return accepted
 
     async def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, output: asyncio.Queue,
@@ -172,7 +181,7 @@ class EngineClient:
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if it already finished); its KV blocks are freed before the next step."""
-        self._not_started.discard(request_id)
+        self._started(request_id)
         self._commands.put(_Abort(request_id))
 
     async def stream(self, output: asyncio.Queue, request_ids: Sequence[str],
@@ -203,12 +212,12 @@ class EngineClient:
     # -- loop-side callbacks (scheduled by the engine thread) ------------------------------
     def _deliver(self, batch: list[tuple[asyncio.Queue, str, object]]) -> None:
         for output, request_id, item in batch:
-            self._not_started.discard(request_id)
+            self._started(request_id)
             output.put_nowait((request_id, item))
 
     def _settle(self, future: asyncio.Future, error: BaseException | None, request_id: str) -> None:
         if error is not None:
-            self._not_started.discard(request_id)
+            self._started(request_id)
         if future.done():  # the handler was cancelled (client gone): it sends an abort itself
             return
         if error is None:
@@ -278,7 +287,7 @@ class EngineClient:
             error = EngineDeadError(f"the engine is not healthy: {self._dead_reason}")
         else:
             try:
-                self._engine.add_request(command.request_id, command.prompt_ids, command.params)
+                self._engine.add_request(command.request_id, command.prompt_ids, command.params, command.group)
             except ValueError as exc:
                 error = exc
             except Exception as exc:

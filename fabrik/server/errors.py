@@ -7,10 +7,13 @@ openai client honours over its status-based rule.
 
 from __future__ import annotations
 
+import logging
 import re
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from fabrik.server.protocol import ErrorBody, ErrorResponse
@@ -43,6 +46,8 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None,
                  should_retry: bool | None = None) -> None:
+        # NOTE: a message may quote the request; a lone surrogate in it could not be sent as UTF-8.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
@@ -62,6 +67,14 @@ class APIError(Exception):
         if not self.should_retry:
             headers["x-should-retry"] = "false"
         return JSONResponse(self.body.model_dump(), status_code=self.status, headers=headers)
+
+
+def log_unexpected(logger: logging.Logger, exc: BaseException, request_id: str) -> None:
+    """Log an unexpected error by its type and the frames it passed, never its message or values (which may hold
+    the client's text)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-8:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    logger.error("unexpected %s in request %s at %s", type(exc).__name__, request_id, where or "?")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -89,6 +102,10 @@ def param_of_message(message: str, default: str | None = None) -> str | None:
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "literal"})
 
 
+def _under_body(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return loc if loc[:1] == ("body",) else ("body", *loc)
+
+
 def _path_of_loc(loc: tuple[Any, ...]) -> tuple[str | int, ...]:
     """``("body", "prompt", "list[int]", 0)`` -> ``("prompt", 0)``: pydantic's union-branch tags dropped."""
     parts = loc[1:] if loc and loc[0] == "body" else loc
@@ -114,13 +131,15 @@ def _common_prefix(paths: list[tuple[str | int, ...]]) -> tuple[str | int, ...]:
     return prefix
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """A 400 for a body that is not valid JSON or does not match the request model.
 
     The deepest errors say most (a union reports one error per branch), so they come first in the message; the
     parameter is the path all errors share, e.g. "messages[0].content" when neither a string nor a list of parts fits.
     """
-    errors = sorted(exc.errors(), key=lambda e: len(e.get("loc", ())), reverse=True)
+    # Locations as FastAPI gives them (under "body"), whether the body was parsed by FastAPI or by pydantic directly.
+    errors = sorted(({**e, "loc": _under_body(tuple(e.get("loc", ())))} for e in errors),
+                    key=lambda e: len(e["loc"]), reverse=True)
     if not errors:
         return bad_request("invalid request body")
     if errors[-1].get("type") == "json_invalid":
@@ -135,11 +154,15 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 
 def context_length_exceeded(max_model_len: int, num_prompt_tokens: int, max_tokens: int | None,
-                            param: str) -> APIError:
-    """The 400 OpenAI sends when prompt + completion do not fit the context, with the real numbers."""
+                            param: str, at_least: bool = False) -> APIError:
+    """The 400 OpenAI sends when prompt + completion do not fit the context, with the real numbers.
+
+    ``at_least``: the prompt was refused before all of it was tokenized, so its count is a lower bound.
+    """
     if max_tokens is None:
         message = (f"This model's maximum context length is {max_model_len} tokens. However, your {param} "
-                   f"resulted in {num_prompt_tokens} tokens, leaving no room for the completion. "
+                   f"resulted in {'at least ' if at_least else ''}{num_prompt_tokens} tokens, leaving no room for "
+                   f"the completion. "
                    f"Please reduce the length of the {param}.")
     else:
         message = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "

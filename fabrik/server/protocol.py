@@ -1,7 +1,9 @@
 """The wire format: pydantic models of every request and response, after OpenAI's API (and vLLM's extras).
 
 Requests are parsed strictly (``"5"`` is not an int, ``true`` is not a number), so a wrong type is a 400 naming the
-field rather than a silent coercion. Unknown fields are ignored, as OpenAI clients send many we have no use for.
+field rather than a silent coercion. An explicit ``null`` means "the default", as OpenAI's spec makes nearly every
+optional field nullable. Unknown fields are ignored, as OpenAI clients send many we have no use for; OpenAI fields we
+know but cannot honour are declared here and refused by the handlers (``server/unsupported.py``).
 Responses leave out optional fields that are None where OpenAI leaves them out (a stream delta has only what
 changed), and keep the nulls OpenAI sends (``content: null`` beside tool calls, ``finish_reason: null``).
 """
@@ -9,13 +11,38 @@ changed), and keep the nulls OpenAI sends (``content: null`` beside tool calls, 
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+import types
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+
+def _allows_none(annotation: Any) -> bool:
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(_allows_none(arg) for arg in get_args(annotation))
+    return False
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=True)
+
+    _not_nullable: ClassVar[frozenset[str]] = frozenset()
+    """Fields whose type has no None: an explicit null for them is dropped, so their default applies."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._not_nullable = frozenset(name for name, info in cls.model_fields.items()
+                                      if not _allows_none(info.annotation))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(data.get(name, 0) is None for name in cls._not_nullable):
+            return {k: v for k, v in data.items() if not (v is None and k in cls._not_nullable)}
+        return data
 
 
 class _Response(BaseModel):
@@ -120,13 +147,32 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: Any = None
     """Never used: present only so that a request trying to replace the template is refused, not ignored."""
+    # Labels and hints: accepted, not acted on.
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    # OpenAI fields that only some values of are honoured (server/unsupported.py refuses the others by name).
+    store: bool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    verbosity: str | None = None
+    reasoning_effort: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    functions: Any = None
+    function_call: Any = None
 
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    """None (or left out) is OpenAI's default prompt, ``<|endoftext|>``."""
+    max_tokens: int = 16
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -220,10 +266,12 @@ class ToolCallOut(_Response):
 
 
 class ChatResponseMessage(_Sparse):
-    _keep_null: ClassVar[frozenset[str]] = frozenset({"content"})
+    _keep_null: ClassVar[frozenset[str]] = frozenset({"content", "refusal"})
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None
+    """Always null: the model's refusals are ordinary content here."""
     reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
@@ -246,7 +294,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
+    system_fingerprint: str
 
 
 class DeltaFunctionCall(_Sparse):
@@ -276,13 +324,11 @@ class ChatChunkChoice(_Response):
 
 
 class ChatCompletionChunk(_Sparse):
-    _keep_null: ClassVar[frozenset[str]] = frozenset({"system_fingerprint"})
-
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    system_fingerprint: str | None = None
+    system_fingerprint: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     """Only on the last chunk, and only when stream_options.include_usage asked for it."""
@@ -303,13 +349,11 @@ class CompletionChoice(_Response):
 
 
 class CompletionResponse(_Sparse):
-    _keep_null: ClassVar[frozenset[str]] = frozenset({"system_fingerprint"})
-
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
     model: str
-    system_fingerprint: str | None = None
+    system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
     """Always set on a whole response; on a stream only the last chunk has it (with include_usage)."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from pydantic import BaseModel
 
 from fabrik.server.engine_client import EngineError, RequestAborted
-from fabrik.server.errors import APIError
+from fabrik.server.errors import APIError, log_unexpected
+
+logger = logging.getLogger("fabrik.server")
 
 
 def sse_event(chunk: BaseModel, include_usage: bool = False) -> str:
@@ -43,6 +46,11 @@ async def guarded(events: AsyncIterator[str], abort: Callable[[], None]) -> Asyn
         yield sse_done()
     except RequestAborted:
         return  # the client is gone
+    except Exception as exc:  # a bug: end the stream as OpenAI would, without the exception's text in the log
+        log_unexpected(logger, exc, "(stream)")
+        yield sse_error(APIError(500, f"internal error ({type(exc).__name__})", "internal_server_error",
+                                 should_retry=False))
+        yield sse_done()
     finally:
         if not finished:
             abort()

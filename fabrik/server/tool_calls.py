@@ -16,6 +16,9 @@ Rules (identical for ``extract_tool_calls`` and the streaming ``ToolCallStreamPa
   written, and makes no call. Nothing here raises on model output.
 - A block still open at the end of the output is a call if its text is a valid call (the model stopped right after
   the JSON), else content.
+- Given the request's tool names, a call to any other function stays in the content as written (as OpenAI's strict
+  behaviour implies: it is not a call the client can make). Given a most number of calls (``parallel_tool_calls:
+  false`` allows one), valid calls past it are dropped.
 
 NOTE, known limits: a ``<tool_call>`` written in plain content (a model explaining the format) opens a block; a
 malformed block with an unbalanced ``"`` never closes, so everything after it is content, released at ``finish``.
@@ -68,16 +71,19 @@ class ToolCallDelta:
     """A piece of the arguments JSON string (may be "")."""
 
 
-def extract_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+def extract_tool_calls(text: str, names: frozenset[str] | None = None,
+                       max_calls: int | None = None) -> tuple[str, list[ToolCall]]:
     """Splits a whole output into its content and its tool calls.
 
     Args:
         text: The decoded output (content only: no reasoning).
+        names: The functions that may be called (None: any).
+        max_calls: Most calls kept (None: all).
 
     Returns:
         (content with the valid tool-call blocks removed, the calls in order).
     """
-    parser = ToolCallStreamParser()
+    parser = ToolCallStreamParser(names, max_calls)
     content, deltas = parser.feed(text)
     rest, more = parser.finish()
     calls: dict[int, ToolCall] = {}
@@ -132,7 +138,9 @@ class ToolCallStreamParser:
     for any split of a text into deltas, the results concatenate to ``extract_tool_calls(text)`` (ids aside).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: frozenset[str] | None = None, max_calls: int | None = None) -> None:
+        self._names = names
+        self._max_calls = max_calls
         self._carry = ""
         """Held back: a partial "<tool_call>" in content; in a block, a partial "</tool_call>" or a lone backslash."""
         self._in_block = False
@@ -192,9 +200,9 @@ class ToolCallStreamParser:
         if not self._in_block:
             return carry, []
         calls: list[ToolCallDelta] = []
-        parsed = None if self._in_string else _parse_call("".join(self._block))
+        parsed = None if self._in_string else self._known_call("".join(self._block))
         if parsed is not None:
-            calls.append(self._emit(*parsed))
+            calls.extend(self._emit(*parsed))
             content = ""  # a partial "</tool_call>" in the carry is the call's own tag
         else:
             content = TOOL_CALL_START + "".join(self._block) + carry
@@ -232,14 +240,22 @@ class ToolCallStreamParser:
         block = "".join(self._block)
         self._in_block = False
         self._block = []
-        parsed = _parse_call(block)
+        parsed = self._known_call(block)
         if parsed is None:
             content.append(TOOL_CALL_START + block + TOOL_CALL_END)
         else:
-            calls.append(self._emit(*parsed))
+            calls.extend(self._emit(*parsed))
 
-    def _emit(self, name: str, arguments: str) -> ToolCallDelta:
+    def _known_call(self, block: str) -> tuple[str, str] | None:
+        parsed = _parse_call(block)
+        if parsed is None or (self._names is not None and parsed[0] not in self._names):
+            return None
+        return parsed
+
+    def _emit(self, name: str, arguments: str) -> list[ToolCallDelta]:
+        if self._max_calls is not None and self._num_calls >= self._max_calls:
+            return []
         delta = ToolCallDelta(index=self._num_calls, id=f"call_{secrets.token_hex(12)}", name=name,
                               arguments=arguments)
         self._num_calls += 1
-        return delta
+        return [delta]

@@ -1,0 +1,7 @@
+"""``python -m fabrik``: the same command line as ``fabrik``."""
+
+import sys
+
+from fabrik.entrypoints.cli import main
+
+sys.exit(main())
