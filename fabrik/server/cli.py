@@ -79,6 +79,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
     from fabrik.engine.llm_engine import LLMEngine
     from fabrik.server.app import build_app
+    from fabrik.server.logs import AccessLogMiddleware
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = server_config_from_args(args)
@@ -91,5 +92,7 @@ def serve_main(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who can reach it may call",
                                             config.host)
     print(f"fabrik: serving {config.served_model_name!r} at http://{config.host}:{config.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    # NOTE: uvicorn's own access log prints the query string (where API keys travel) and URLs of any length.
+    uvicorn.run(AccessLogMiddleware(app), host=config.host, port=config.port, log_level=args.log_level,
+                access_log=False, timeout_graceful_shutdown=5)
     return 0

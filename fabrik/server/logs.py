@@ -1,0 +1,60 @@
+"""What the server logs about its connections: one access line per request.
+
+It never holds a client's text beyond the request's method and path: no query string (keys and tokens travel
+there), no headers, no body.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_logger = logging.getLogger("fabrik.server.access")
+
+ACCESS_PATH_CHARS = 200
+"""Longest path an access line shows; a longer one is cut and marked with ``...``."""
+_METHOD_CHARS = 16
+
+
+class AccessLogMiddleware:
+    """Logs one line per HTTP request once it is answered: method, path without the query string, status, seconds.
+
+    The path is the raw one (percent-escapes kept, so no control characters reach the log), cut to
+    ``ACCESS_PATH_CHARS``. A request answered by nobody (the client left first) shows ``-`` as its status.
+    """
+
+    def __init__(self, app: ASGIApp, logger: logging.Logger = access_logger) -> None:
+        self.app = app
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status: int | None = None
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.logger.info("%s %s %s %.3fs", _shorten(scope["method"], _METHOD_CHARS), logged_path(scope),
+                             status if status is not None else "-", time.monotonic() - started)
+
+
+def logged_path(scope: Scope) -> str:
+    """The request's path as the access log shows it: raw, without the query string, at most ACCESS_PATH_CHARS."""
+    raw = scope.get("raw_path")
+    path = raw.decode("ascii", "backslashreplace") if raw else scope["path"].encode("unicode_escape").decode()
+    return _shorten(path.partition("?")[0], ACCESS_PATH_CHARS)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
