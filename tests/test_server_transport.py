@@ -1,23 +1,33 @@
-"""Connections against a real ``fabrik serve`` (the demo model): an access log without client secrets.
+"""Connections against a real ``fabrik serve`` (the demo model): deadlines on slow or incomplete requests, the cap on
+open connections under a low file limit, and an access log without client secrets; then the new ServerConfig fields.
 
-Raw sockets send what httpx refuses to.
+Raw sockets play the bad clients, httpx and the openai client the good ones. Time bounds are loose (a loaded 2-core
+machine); each bad connection must end within its timeout plus ``SLACK`` and not long before it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
+from fabrik.server.config import ServerConfig
 from server_utils import ServerProcess
+
+IDLE, HEADER, BODY = 1.0, 1.5, 2.0
+SLACK = 5.0
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    process = ServerProcess(None).start()
+    process = ServerProcess(None, "--idle-timeout", str(IDLE), "--header-timeout", str(HEADER), "--body-timeout",
+                            str(BODY), "--max-request-bytes", "64KiB").start()
     yield process
     process.stop()
 
@@ -34,6 +44,115 @@ def read_until_closed(sock: socket.socket, timeout: float = 30.0) -> bytes:
     return data
 
 
+def openai_error(response: bytes, status: int) -> dict:
+    """The error of a raw HTTP response, checked: its status and OpenAI's error shape; with its Connection header."""
+    head, _, rest = response.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith(f"HTTP/1.1 {status} "), lines[0]
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert headers["content-type"] == "application/json"
+    error = json.loads(rest[:int(headers["content-length"])])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return {**error, "connection": headers.get("connection")}
+
+
+class Trickle:
+    """Sends ``piece`` every ``every`` seconds on ``sock`` until the server closes it (or ``stop``)."""
+
+    def __init__(self, sock: socket.socket, piece: bytes, every: float) -> None:
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(sock, piece, every), daemon=True)
+        self.thread.start()
+
+    def _run(self, sock: socket.socket, piece: bytes, every: float) -> None:
+        try:
+            while not self.stopped.is_set():
+                sock.sendall(piece)
+                time.sleep(every)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+
+
+def assert_others_are_served(server: ServerProcess) -> None:
+    started = time.monotonic()
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    assert time.monotonic() - started < 0.5
+    completion = server.openai(timeout=30).completions.create(model="fabrik-demo", prompt="Hi", max_tokens=4,
+                                                              extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 4
+
+
+CHUNKED_POST = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-fabrik-test\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+# name: (first bytes, (piece, seconds between pieces) sent after them or None, deadline, status or None: closed
+# without an answer)
+SLOW_CLIENTS = {
+    "idle new connection": (b"", None, IDLE, None),
+    "partial head": (b"GET /health HTTP/1.1\r\nHost: x\r\n", None, HEADER, 408),
+    "head one line at a time": (b"GET /health HTTP/1.1\r\n", (b"X-Slow: 1\r\n", HEADER / 6), HEADER, 408),
+    "partial body": (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-fabrik-test\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ", None, BODY, 408),
+    "endless chunked body, slow": (CHUNKED_POST, (b"1\r\n \r\n", BODY / 8), BODY, 408),
+}
+
+
+@pytest.mark.parametrize("name", list(SLOW_CLIENTS))
+def test_slow_and_incomplete_requests_are_closed_after_their_timeout(server, name):
+    first, trickle, deadline, status = SLOW_CLIENTS[name]
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        started = time.monotonic()
+        sock.sendall(first)
+        sender = Trickle(sock, *trickle) if trickle else None
+        assert_others_are_served(server)
+        response = read_until_closed(sock)
+        seconds = time.monotonic() - started
+        if sender:
+            sender.stop()
+    assert deadline * 0.8 <= seconds < deadline + SLACK, seconds
+    if status is None:
+        assert response == b""
+    else:
+        error = openai_error(response, status)
+        assert error["connection"] == "close" and "did not arrive within" in error["message"]
+
+
+def test_endless_fast_chunked_body_gets_413_then_is_closed(server):
+    """Past the body limit the server answers at once, and stops reading the rest when the body timeout passes."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        started = time.monotonic()
+        sock.sendall(CHUNKED_POST)
+        sender = Trickle(sock, b"4000\r\n" + b" " * 0x4000 + b"\r\n", 0.002)
+        response = read_until_closed(sock)
+        seconds = time.monotonic() - started
+        sender.stop()
+    assert openai_error(response, 413)["code"] == "request_too_large"
+    assert response.count(b"HTTP/1.1 ") == 1  # no second answer when the body timeout passes
+    assert BODY * 0.8 <= seconds < BODY + SLACK, seconds
+    assert_others_are_served(server)
+
+
+def test_idle_keep_alive_connection_is_closed(server):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = read_until_closed(sock)
+        seconds = time.monotonic() - started
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert IDLE * 0.8 <= seconds < IDLE + SLACK
+
+
+def test_unparseable_request_gets_an_openai_shaped_400(server):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"HELLO THERE\r\n\r\n")
+        response = read_until_closed(sock, timeout=SLACK)
+    assert openai_error(response, 400)["connection"] == "close"
+
+
 def test_access_log_has_no_query_string_and_cuts_long_paths(server):
     secret = "sk-secret-in-the-query-string"
     with server.http() as http:
@@ -43,11 +162,51 @@ def test_access_log_has_no_query_string_and_cuts_long_paths(server):
         sock.sendall(f"GET /v1/models/{'h' * 100_000}?api_key={secret} HTTP/1.1\r\nHost: x\r\n"
                      f"Authorization: Bearer {server.api_key}\r\nConnection: close\r\n\r\n".encode())
         huge = read_until_closed(sock)
-    # 400 when h11's 16 KiB buffer fills before the whole head is in, else the route's 404
-    assert huge[9:12] in (b"404", b"400")
+    # 431 when h11's 16 KiB buffer fills before the whole head is in, else the route's 404
+    assert openai_error(huge, int(huge[9:12])) and huge[9:12] in (b"404", b"431")
     time.sleep(0.5)  # the access line is written once the response has been sent
     output = server.output()
     assert secret not in output
     assert max(len(line) for line in output.splitlines()) < 400
     assert re.search(r"GET /v1/models 200 \d+\.\d+s", output)
     assert re.search(r"GET /v1/models/m{100,}\.\.\. 404 ", output)
+
+
+@pytest.mark.slow
+def test_over_the_cap_connections_get_503_under_a_low_file_limit():
+    """With 128 descriptors the cap is lowered to fit; held connections past it never use the descriptors up."""
+    server = ServerProcess(None, "--header-timeout", "10", file_limit=128).start()
+    try:
+        cap = int(re.search(r"at most (\d+) open connections", server.output()).group(1))
+        assert 1 <= cap < 128
+        held = []
+        for _ in range(cap):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            held.append(sock)
+        for _ in range(8):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                response = read_until_closed(sock, timeout=SLACK)
+            error = openai_error(response, 503)
+            assert error["connection"] == "close" and error["type"] == "service_unavailable"
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 503  # a good client too, at once
+        for sock in held:
+            response = read_until_closed(sock)
+            assert openai_error(response, 408)["connection"] == "close"
+            sock.close()
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        output = server.output()
+        assert len(output) < 20_000, output[-2000:]
+        assert "Too many open files" not in output and "Traceback" not in output
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("field_name,value", [
+    ("max_connections", 0), ("max_connections", True), ("idle_timeout_seconds", 0), ("header_timeout_seconds", -1),
+    ("body_timeout_seconds", float("inf")), ("body_timeout_seconds", "30"), ("body_timeout_seconds", float("nan")),
+])
+def test_server_config_refuses_bad_timeouts_and_caps(field_name, value):
+    with pytest.raises(ValueError, match=rf"^{field_name} \({re.escape(repr(value))}\)"):
+        ServerConfig(**{field_name: value})

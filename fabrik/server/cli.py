@@ -19,6 +19,7 @@ for _module in ("fastapi", "uvicorn", "pydantic"):
 
 _DEFAULTS = ServerConfig()
 API_KEY_ENV = "FABRIK_API_KEY"
+_STARTUP_FAILURE = 3  # uvicorn's exit status when it could not start (the port is taken, ...)
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,6 +50,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     serve.add_argument("--max-stop-length", type=int, default=_DEFAULTS.max_stop_length)
     serve.add_argument("--max-top-logprobs", type=int, default=_DEFAULTS.max_top_logprobs)
     serve.add_argument("--max-logit-bias", type=int, default=_DEFAULTS.max_logit_bias)
+    serve.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections,
+                       help="open connections before new ones get 503 (lowered to fit the file limit, ulimit -n)")
+    serve.add_argument("--idle-timeout", type=float, default=_DEFAULTS.idle_timeout_seconds, metavar="SECONDS",
+                       help="close a connection idle this long (no request under way)")
+    serve.add_argument("--header-timeout", type=float, default=_DEFAULTS.header_timeout_seconds, metavar="SECONDS",
+                       help="408 when a request's headers take longer")
+    serve.add_argument("--body-timeout", type=float, default=_DEFAULTS.body_timeout_seconds, metavar="SECONDS",
+                       help="408 when a request's body takes longer")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(serve)
     serve.set_defaults(func=serve_main)
@@ -65,7 +74,9 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_bytes=parse_bytes(args.max_request_bytes), max_n=args.max_n, max_prompts=args.max_prompts,
         max_stop_sequences=args.max_stop_sequences, max_stop_length=args.max_stop_length,
         max_top_logprobs=args.max_top_logprobs, max_logit_bias=args.max_logit_bias,
-        max_waiting_requests=args.max_waiting_requests)
+        max_waiting_requests=args.max_waiting_requests, max_connections=args.max_connections,
+        idle_timeout_seconds=args.idle_timeout, header_timeout_seconds=args.header_timeout,
+        body_timeout_seconds=args.body_timeout)
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -79,7 +90,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
     from fabrik.engine.llm_engine import LLMEngine
     from fabrik.server.app import build_app
-    from fabrik.server.logs import AccessLogMiddleware
+    from fabrik.server.transport import uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = server_config_from_args(args)
@@ -92,7 +103,6 @@ def serve_main(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who can reach it may call",
                                             config.host)
     print(f"fabrik: serving {config.served_model_name!r} at http://{config.host}:{config.port}/v1", file=sys.stderr)
-    # NOTE: uvicorn's own access log prints the query string (where API keys travel) and URLs of any length.
-    uvicorn.run(AccessLogMiddleware(app), host=config.host, port=config.port, log_level=args.log_level,
-                access_log=False, timeout_graceful_shutdown=5)
-    return 0
+    server = uvicorn.Server(uvicorn_config(app, config, args.log_level))
+    server.run()
+    return 0 if server.started else _STARTUP_FAILURE

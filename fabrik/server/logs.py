@@ -1,6 +1,6 @@
-"""What the server logs about its connections: one access line per request.
+"""What the server logs about its connections: one access line per request, and errors at a bounded rate.
 
-It never holds a client's text beyond the request's method and path: no query string (keys and tokens travel
+Neither ever holds a client's text beyond the request's method and path: no query string (keys and tokens travel
 there), no headers, no body.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,6 +17,37 @@ access_logger = logging.getLogger("fabrik.server.access")
 ACCESS_PATH_CHARS = 200
 """Longest path an access line shows; a longer one is cut and marked with ``...``."""
 _METHOD_CHARS = 16
+
+
+class RateLimitedLog:
+    """Logs a message at most once per ``interval`` seconds; the next line logged says how many were left out.
+
+    Args:
+        logger: Where the lines go.
+        level: Their level.
+        interval: Least time between two lines, in seconds.
+        clock: The time source (monotonic seconds).
+    """
+
+    def __init__(self, logger: logging.Logger, level: int, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.level = level
+        self.interval = interval
+        self.clock = clock
+        self._last = -float("inf")
+        self._left_out = 0
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = self.clock()
+        if now - self._last < self.interval:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" (and {self._left_out} more like it since the last such line)"
+        self.logger.log(self.level, message, *args)
+        self._last = now
+        self._left_out = 0
 
 
 class AccessLogMiddleware:
