@@ -1,5 +1,6 @@
 """Connections against a real ``fabrik serve`` (the demo model): deadlines on slow or incomplete requests, the cap on
-open connections under a low file limit, and an access log without client secrets; then the new ServerConfig fields.
+open connections under a low file limit, graceful shutdown on SIGTERM, and an access log without client secrets;
+then the new ServerConfig fields.
 
 Raw sockets play the bad clients, httpx and the openai client the good ones. Time bounds are loose (a loaded 2-core
 machine); each bad connection must end within its timeout plus ``SLACK`` and not long before it.
@@ -7,8 +8,10 @@ machine); each bad connection must end within its timeout plus ``SLACK`` and not
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -22,6 +25,7 @@ from server_utils import ServerProcess
 
 IDLE, HEADER, BODY = 1.0, 1.5, 2.0
 SLACK = 5.0
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +207,90 @@ def test_over_the_cap_connections_get_503_under_a_low_file_limit():
         server.stop()
 
 
+async def _stream(client: httpx.AsyncClient, max_tokens: int, got: asyncio.Event, events: int) -> list[str]:
+    """A completions stream's lines; ``got`` is set once ``events`` of them came."""
+    body = {"model": "fabrik-demo", "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True}
+    lines = []
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line:
+                lines.append(line)
+                if len(lines) >= events:
+                    got.set()
+    return lines
+
+
+@pytest.mark.slow
+def test_sigterm_drains_streams_then_ends_them_cleanly_and_exits_0():
+    """Streams a few tokens from their end at the signal finish during the drain; long ones end with an error event
+    and [DONE]; a whole response and requests still arriving get 503; no connection is accepted after the signal;
+    the process exits 0, promptly, without a traceback."""
+    drain = 4.0
+    server = ServerProcess(None, "--drain-timeout", str(drain)).start()
+    half_head = half_body = None
+    try:
+        async def scenario() -> tuple[list[list[str]], httpx.Response, float]:
+            limits = httpx.Limits(max_connections=32)
+            async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60,
+                                         limits=limits) as client:
+                started = [asyncio.Event() for _ in range(16)]
+                streams = [asyncio.ensure_future(_stream(client, 24, started[i], 21) if i < 8 else
+                                                 _stream(client, 490, started[i], 1)) for i in range(16)]
+                whole = asyncio.ensure_future(client.post("/v1/completions", json={
+                    "model": "fabrik-demo", "prompt": "Once", "max_tokens": 490, "ignore_eos": True}))
+                await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 120)
+                nonlocal half_head, half_body
+                half_head = socket.create_connection(("127.0.0.1", server.port))
+                half_body = socket.create_connection(("127.0.0.1", server.port))
+                half_head.sendall(b"GET /health HTTP/1.1\r\n")
+                half_body.sendall(SLOW_CLIENTS["partial body"][0])
+                await asyncio.sleep(0.2)
+                server.proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                await asyncio.sleep(1.0)
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+                return await asyncio.gather(*streams), await whole, signalled
+
+        streams, whole, signalled = asyncio.run(scenario())
+        head_answer, body_answer = read_until_closed(half_head), read_until_closed(half_body)
+        status = server.proc.wait(drain + 15)
+        exited_after = time.monotonic() - signalled
+        assert status == 0
+        assert exited_after < drain + 6
+        output = server.output()
+        assert "Traceback" not in output, output[-3000:]
+    finally:
+        for sock in (half_head, half_body):
+            if sock is not None:
+                sock.close()
+        server.stop()
+    endings = []
+    for lines in streams:
+        assert lines[-1] == "data: [DONE]"
+        events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]  # each one whole
+        if "error" in events[-1]:
+            assert events[-1]["error"]["type"] == "service_unavailable" and SHUTTING_DOWN in events[-1]["error"][
+                "message"]
+            endings.append("error")
+        else:
+            assert events[-1]["choices"][0]["finish_reason"] == "length"
+            endings.append("finished")
+    assert endings[:8] == ["finished"] * 8, endings  # 3 tokens to go at the signal: within the drain at any load
+    assert "error" in endings[8:], endings  # 490 tokens take far longer
+    assert whole.status_code == 503 and SHUTTING_DOWN in whole.json()["error"]["message"]
+    for answer in (head_answer, body_answer):  # requests still arriving: at the signal, or at the drain timeout
+        assert SHUTTING_DOWN in openai_error(answer, 503)["message"]
+
+
 @pytest.mark.parametrize("field_name,value", [
     ("max_connections", 0), ("max_connections", True), ("idle_timeout_seconds", 0), ("header_timeout_seconds", -1),
-    ("body_timeout_seconds", float("inf")), ("body_timeout_seconds", "30"), ("body_timeout_seconds", float("nan")),
+    ("body_timeout_seconds", float("inf")), ("body_timeout_seconds", "30"), ("drain_timeout_seconds", -0.5),
+    ("drain_timeout_seconds", float("nan")),
 ])
 def test_server_config_refuses_bad_timeouts_and_caps(field_name, value):
     with pytest.raises(ValueError, match=rf"^{field_name} \({re.escape(repr(value))}\)"):
         ServerConfig(**{field_name: value})
+    assert ServerConfig(drain_timeout_seconds=0).drain_timeout_seconds == 0  # end every stream at once

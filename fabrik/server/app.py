@@ -36,6 +36,7 @@ from fabrik.server.metrics import ServerMetrics
 from fabrik.server.protocol import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
     TokenizeRequest, TokenizeResponse)
+from fabrik.server.shutdown import Drain
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="fabrik", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+    drain = app.state.drain = Drain()  # ends what still runs when a shutdown's drain timeout passes
     app.add_middleware(GuardMiddleware, config=config)
     _add_error_handlers(app)
 
@@ -180,8 +182,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         """Submit a prepared run, then stream its events or answer with its whole response."""
         await _start(run.start(arrival))
         if stream:
-            return _stream(request, run.abort, run.events())
-        result = await unless_disconnected(request, run.response())
+            return _stream(request, run.abort, drain.stream(run.events(), run.abort))
+        result = await unless_disconnected(request, drain.response(run.response()))
         return Response(status_code=_CLIENT_CLOSED) if result is None else _json(result)
 
     @app.post("/v1/chat/completions", response_model=None)

@@ -58,6 +58,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                        help="408 when a request's headers take longer")
     serve.add_argument("--body-timeout", type=float, default=_DEFAULTS.body_timeout_seconds, metavar="SECONDS",
                        help="408 when a request's body takes longer")
+    serve.add_argument("--drain-timeout", type=float, default=_DEFAULTS.drain_timeout_seconds, metavar="SECONDS",
+                       help="on SIGTERM, time running requests get to finish; then streams end with an error event")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(serve)
     serve.set_defaults(func=serve_main)
@@ -76,7 +78,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_top_logprobs=args.max_top_logprobs, max_logit_bias=args.max_logit_bias,
         max_waiting_requests=args.max_waiting_requests, max_connections=args.max_connections,
         idle_timeout_seconds=args.idle_timeout, header_timeout_seconds=args.header_timeout,
-        body_timeout_seconds=args.body_timeout)
+        body_timeout_seconds=args.body_timeout, drain_timeout_seconds=args.drain_timeout)
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -86,10 +88,9 @@ def serve_main(args: argparse.Namespace) -> int:
 
         args.model = str(default_model_path())
         args.served_model_name = args.served_model_name or DEMO_MODEL_NAME
-    import uvicorn
-
     from fabrik.engine.llm_engine import LLMEngine
     from fabrik.server.app import build_app
+    from fabrik.server.shutdown import DrainingServer
     from fabrik.server.transport import uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -103,6 +104,6 @@ def serve_main(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who can reach it may call",
                                             config.host)
     print(f"fabrik: serving {config.served_model_name!r} at http://{config.host}:{config.port}/v1", file=sys.stderr)
-    server = uvicorn.Server(uvicorn_config(app, config, args.log_level))
+    server = DrainingServer(uvicorn_config(app, config, args.log_level), app.state.drain, config.drain_timeout_seconds)
     server.run()
     return 0 if server.started else _STARTUP_FAILURE

@@ -30,6 +30,8 @@ class ServerConfig:
     """Time from a request's first byte to the end of its headers; 408 after it."""
     body_timeout_seconds: float = 30.0
     """Time from the end of a request's headers to the end of its body; 408 after it."""
+    drain_timeout_seconds: float = 20.0
+    """On SIGTERM, time running requests get to finish before streams end with an error and [DONE], others 503."""
     served_model_name: str = "model"
     """The model id clients send as ``model`` and that /v1/models lists."""
     api_keys: tuple[str, ...] = ()
@@ -61,8 +63,9 @@ class ServerConfig:
         connections = self.max_connections
         if not isinstance(connections, int) or isinstance(connections, bool) or connections < 1:
             raise ValueError(f"max_connections ({self.max_connections!r}) must be an int >= 1")
-        for name in ("idle_timeout_seconds", "header_timeout_seconds", "body_timeout_seconds"):
-            _check_seconds(name, getattr(self, name), allow_zero=False)
+        for name in ("idle_timeout_seconds", "header_timeout_seconds", "body_timeout_seconds",
+                     "drain_timeout_seconds"):
+            _check_seconds(name, getattr(self, name), allow_zero=name == "drain_timeout_seconds")
         if not self.served_model_name:
             raise ValueError(f"served_model_name ({self.served_model_name!r}) must not be empty")
         for key in self.api_keys:

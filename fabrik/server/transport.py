@@ -36,6 +36,7 @@ from uvicorn.server import ServerState
 from fabrik.server.config import ServerConfig
 from fabrik.server.errors import APIError
 from fabrik.server.logs import AccessLogMiddleware, RateLimitedLog
+from fabrik.server.shutdown import shutting_down
 
 logger = logging.getLogger("fabrik.server.transport")
 
@@ -102,7 +103,7 @@ def uvicorn_config(app: ASGIApp, config: ServerConfig, log_level: str) -> uvicor
     # NOTE: uvicorn's own access log prints the query string (where API keys travel) and URLs of any length.
     return uvicorn.Config(AccessLogMiddleware(app), host=config.host, port=config.port, log_level=log_level,
                           http=protocol, ws="none", access_log=False, backlog=budget.backlog, lifespan="on",
-                          timeout_keep_alive=config.idle_timeout_seconds, timeout_graceful_shutdown=5)
+                          timeout_keep_alive=config.idle_timeout_seconds)
 
 
 def _open_descriptors() -> int:
@@ -188,6 +189,20 @@ class GuardedH11Protocol(H11Protocol):
         else:
             error = APIError(400, "the request is not valid HTTP/1.1")
         self._answer_and_close(_canned(error))
+
+    def shutdown(self) -> None:
+        """The server stops: a request whose head is still arriving gets a 503 now; else uvicorn's (an idle connection
+        closes now, a busy one after its response)."""
+        if self._phase is _Phase.HEAD:
+            self._end_unanswered_request(shutting_down())
+        else:
+            super().shutdown()
+
+    def expire(self) -> None:
+        """The shutdown's drain timeout passed: a request still being received gets a 503 and its connection closes.
+        (Requests the app already has are the app's to end: see shutdown.Drain.)"""
+        if self._phase is not None and not self.transport.is_closing():
+            self._end_unanswered_request(shutting_down())
 
     # -- deadlines -----------------------------------------------------------------------
     def _follow(self) -> None:
