@@ -1,6 +1,6 @@
 """Connections against a real ``fabrik serve`` (the demo model): deadlines on slow or incomplete requests, the cap on
 open connections under a low file limit, graceful shutdown on SIGTERM, and an access log without client secrets;
-then the new ServerConfig fields.
+then the accept-error log of a real asyncio server out of descriptors, and the new ServerConfig fields.
 
 Raw sockets play the bad clients, httpx and the openai client the good ones. Time bounds are loose (a loaded 2-core
 machine); each bad connection must end within its timeout plus ``SLACK`` and not long before it.
@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -283,6 +286,40 @@ def test_sigterm_drains_streams_then_ends_them_cleanly_and_exits_0():
     assert whole.status_code == 503 and SHUTTING_DOWN in whole.json()["error"]["message"]
     for answer in (head_answer, body_answer):  # requests still arriving: at the signal, or at the drain timeout
         assert SHUTTING_DOWN in openai_error(answer, 503)["message"]
+
+
+# An asyncio server that never closes a connection, with fabrik's accept-error handler, under a file limit of 32.
+_NO_CAP_SERVER = """
+import asyncio, logging, sys
+from fabrik.server.logs import AcceptErrorHandler
+
+async def main():
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorHandler(logging.getLogger("accept")))
+    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0, backlog=64)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(3)
+
+asyncio.run(main())
+"""
+
+
+def test_accept_errors_out_of_descriptors_are_logged_once_per_interval():
+    """asyncio alone logs thousands of tracebacks a second here; with the handler, one line in 3 s."""
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))  # noqa: E731
+    process = subprocess.Popen([sys.executable, "-c", _NO_CAP_SERVER], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+    try:
+        port = int(process.stdout.readline())
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(48)]
+        _, stderr = process.communicate(timeout=30)
+        for client in clients:
+            client.close()
+    finally:
+        process.kill()
+        process.wait()
+    assert stderr.count("accepting a connection failed (Too many open files)") == 1, stderr[-2000:]
+    assert "Traceback" not in stderr and len(stderr) < 1000
 
 
 @pytest.mark.parametrize("field_name,value", [

@@ -6,9 +6,12 @@ there), no headers, no body.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,6 +20,7 @@ access_logger = logging.getLogger("fabrik.server.access")
 ACCESS_PATH_CHARS = 200
 """Longest path an access line shows; a longer one is cut and marked with ``...``."""
 _METHOD_CHARS = 16
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class RateLimitedLog:
@@ -48,6 +52,28 @@ class RateLimitedLog:
         self.logger.log(self.level, message, *args)
         self._last = now
         self._left_out = 0
+
+
+class AcceptErrorHandler:
+    """An event loop exception handler that logs failed accepts (no descriptors or memory left) at a bounded rate.
+
+    NOTE: asyncio logs every failed accept with its traceback and, on Linux, retries up to ``backlog`` times in the
+    same tick: with the descriptors used up that made tens of megabytes of log a minute. The connection cap
+    (transport.py) keeps the descriptors from running out; this keeps the log small if they do anyway. Every other
+    error goes to the loop's default handler.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._log = RateLimitedLog(logger, logging.ERROR, interval)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if (isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES
+                and "accept" in str(context.get("message", ""))):
+            self._log("accepting a connection failed (%s); new connections wait in the listen queue meanwhile",
+                      exc.strerror)
+            return
+        loop.default_exception_handler(context)
 
 
 class AccessLogMiddleware:

@@ -30,6 +30,7 @@ from typing import TypeVar
 import uvicorn
 
 from fabrik.server.errors import APIError
+from fabrik.server.logs import AcceptErrorHandler
 from fabrik.server.streaming import sse_done, sse_error
 
 logger = logging.getLogger("fabrik.server.shutdown")
@@ -103,7 +104,7 @@ class Drain:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server with fabrik's shutdown (see the module docstring).
+    """uvicorn's server with fabrik's shutdown (module docstring) and accept errors logged at a bounded rate.
 
     Args:
         config: uvicorn's configuration.
@@ -115,6 +116,10 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.drain = drain
         self.drain_timeout = drain_timeout
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(AcceptErrorHandler(logger))
+        await super().startup(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
