@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -42,10 +43,13 @@ class ServerProcess:
         model: The model folder (None: serve the default demo model).
         args: Extra command-line arguments.
         api_key: Passed as --api-key (None: no key).
+        file_limit: RLIMIT_NOFILE of the server process (None: this process's).
     """
 
-    def __init__(self, model: str | Path | None, *args: str, api_key: str | None = API_KEY) -> None:
+    def __init__(self, model: str | Path | None, *args: str, api_key: str | None = API_KEY,
+                 file_limit: int | None = None) -> None:
         self.model = None if model is None else str(model)
+        self.file_limit = file_limit
         self.port = free_port()
         self.api_key = api_key
         self.args = [*args, *(("--api-key", api_key) if api_key else ())]
@@ -60,7 +64,9 @@ class ServerProcess:
                    *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("FABRIK_API_KEY", None)
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        limit = self.file_limit
+        lower = None if limit is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=lower)
         deadline = time.monotonic() + _STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -47,6 +47,7 @@ from fabrik.server.protocol import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
     DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from fabrik.server.validation import check_unicode
+from fabrik.server.shutdown import Drain
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="fabrik", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", redirect_slashes=False)
     app.state.ctx = ctx
+    drain = app.state.drain = Drain()  # ends what still runs when a shutdown's drain timeout passes
     app.add_middleware(GuardMiddleware, config=config)
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
@@ -133,8 +135,8 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
         """Submit a prepared run, then stream its events or answer with its whole response."""
         await _start(run.start(arrival))
         if stream:
-            return _stream(request, run.abort, run.events())
-        result = await unless_disconnected(request, run.response())
+            return _stream(request, run.abort, drain.stream(run.events(), run.abort))
+        result = await unless_disconnected(request, drain.response(run.response()))
         return Response(status_code=_CLIENT_CLOSED) if result is None else _json(result)
 
     @app.post("/v1/chat/completions", response_model=None, responses={200: {"model": ChatCompletionResponse}},

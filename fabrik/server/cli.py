@@ -19,6 +19,7 @@ for _module in ("fastapi", "uvicorn", "pydantic"):
 
 _DEFAULTS = ServerConfig()
 API_KEY_ENV = "FABRIK_API_KEY"
+_STARTUP_FAILURE = 3  # uvicorn's exit status when it could not start (the port is taken, ...)
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -61,6 +62,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     serve.add_argument("--max-stop-length", type=int, default=_DEFAULTS.max_stop_length)
     serve.add_argument("--max-top-logprobs", type=int, default=_DEFAULTS.max_top_logprobs)
     serve.add_argument("--max-logit-bias", type=int, default=_DEFAULTS.max_logit_bias)
+    serve.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections,
+                       help="open connections before new ones get 503 (lowered to fit the file limit, ulimit -n)")
+    serve.add_argument("--idle-timeout", type=float, default=_DEFAULTS.idle_timeout_seconds, metavar="SECONDS",
+                       help="close a connection idle this long (no request under way)")
+    serve.add_argument("--header-timeout", type=float, default=_DEFAULTS.header_timeout_seconds, metavar="SECONDS",
+                       help="408 when a request's headers take longer")
+    serve.add_argument("--body-timeout", type=float, default=_DEFAULTS.body_timeout_seconds, metavar="SECONDS",
+                       help="408 when a request's body takes longer")
+    serve.add_argument("--drain-timeout", type=float, default=_DEFAULTS.drain_timeout_seconds, metavar="SECONDS",
+                       help="on SIGTERM, time running requests get to finish; then streams end with an error event")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(serve)
     serve.set_defaults(func=serve_main)
@@ -80,7 +91,9 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_waiting_requests=args.max_waiting_requests, max_sequences_per_request=args.max_sequences_per_request,
         allowed_origins=tuple(o.strip() for item in args.allowed_origins or () for o in item.split(",") if o.strip()),
         allow_special_tokens_in_content=args.allow_special_tokens_in_content, prepare_workers=args.prepare_workers,
-        max_preparing_requests=args.max_preparing_requests)
+        max_preparing_requests=args.max_preparing_requests, max_connections=args.max_connections,
+        idle_timeout_seconds=args.idle_timeout, header_timeout_seconds=args.header_timeout,
+        body_timeout_seconds=args.body_timeout, drain_timeout_seconds=args.drain_timeout)
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -90,10 +103,10 @@ def serve_main(args: argparse.Namespace) -> int:
 
         args.model = str(default_model_path())
         args.served_model_name = args.served_model_name or DEMO_MODEL_NAME
-    import uvicorn
-
     from fabrik.engine.llm_engine import LLMEngine
     from fabrik.server.app import build_app
+    from fabrik.server.shutdown import DrainingServer
+    from fabrik.server.transport import uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = server_config_from_args(args)
@@ -106,5 +119,6 @@ def serve_main(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("serving on %s without --api-key: anyone who can reach it may call",
                                             config.host)
     print(f"fabrik: serving {config.served_model_name!r} at http://{config.host}:{config.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    return 0
+    server = DrainingServer(uvicorn_config(app, config, args.log_level), app.state.drain, config.drain_timeout_seconds)
+    server.run()
+    return 0 if server.started else _STARTUP_FAILURE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -22,6 +23,16 @@ class ServerConfig:
     """Address to bind; the loopback default keeps the server private to this machine."""
     port: int = 8000
     """TCP port to listen on (0 picks a free one)."""
+    max_connections: int = 1024
+    """Most open connections; the next get 503 and are closed (lowered at startup to fit the file limit)."""
+    idle_timeout_seconds: float = 5.0
+    """A connection with no request under way (new, or after a response) is closed after this long."""
+    header_timeout_seconds: float = 10.0
+    """Time from a request's first byte to the end of its headers; 408 after it."""
+    body_timeout_seconds: float = 30.0
+    """Time from the end of a request's headers to the end of its body; 408 after it."""
+    drain_timeout_seconds: float = 20.0
+    """On SIGTERM, time running requests get to finish before streams end with an error and [DONE], others 503."""
     served_model_name: str = "model"
     """The model id clients send as ``model`` and that /v1/models lists."""
     api_keys: tuple[str, ...] = ()
@@ -61,6 +72,12 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port ({self.port!r}) must be an int in [0, 65535]")
+        connections = self.max_connections
+        if not isinstance(connections, int) or isinstance(connections, bool) or connections < 1:
+            raise ValueError(f"max_connections ({self.max_connections!r}) must be an int >= 1")
+        for name in ("idle_timeout_seconds", "header_timeout_seconds", "body_timeout_seconds",
+                     "drain_timeout_seconds"):
+            _check_seconds(name, getattr(self, name), allow_zero=name == "drain_timeout_seconds")
         if not self.served_model_name:
             raise ValueError(f"served_model_name ({self.served_model_name!r}) must not be empty")
         for key in self.api_keys:
@@ -79,6 +96,12 @@ class ServerConfig:
         for origin in self.allowed_origins:
             if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
                 raise ValueError(f"allowed origin ({origin!r}) must be '*' or scheme://host[:port], without a path")
+
+
+def _check_seconds(name: str, value: object, allow_zero: bool) -> None:
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or value < 0 or (value == 0 and not allow_zero)):
+        raise ValueError(f"{name} ({value!r}) must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass(frozen=True)
