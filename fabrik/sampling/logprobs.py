@@ -55,14 +55,13 @@ def compute_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: Sequence[int
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
     chosen = chosen.to(device=logprobs.device, dtype=torch.long)
     chosen_logprobs = logprobs.gather(1, chosen[:, None])  # (N, 1)
-    token_ids = torch.arange(vocab_size, device=logprobs.device)  # (V,)
-    # Tokens ranked ahead of the chosen one: strictly more likely, or as likely with a lower id.
-    ahead = (logprobs > chosen_logprobs) | ((logprobs == chosen_logprobs) & (token_ids[None, :] < chosen[:, None]))
-    ranks = ahead.sum(dim=1) + 1  # (N,)
-
     chosen_list = chosen.tolist()
     chosen_logprob_list = chosen_logprobs[:, 0].tolist()
-    rank_list = ranks.tolist()
+    # Tokens ranked ahead of the chosen one: as likely or more with a lower id, strictly more likely with a higher
+    # one. Two slices per row read each logprob once: ~4x less than masks over the whole (N, V) block.
+    rank_list = [1 + int(torch.count_nonzero(logprobs[row, :token] >= value))
+                 + int(torch.count_nonzero(logprobs[row, token + 1:] > value))
+                 for row, (token, value) in enumerate(zip(chosen_list, chosen_logprob_list))]
     tops = _top_ks(logprobs, [min(row_k, vocab_size) for row_k in k])
     return [TokenLogprob(token_id=chosen_list[row], logprob=chosen_logprob_list[row], rank=rank_list[row],
                          top=tops[row]) for row in range(num_rows)]
