@@ -410,3 +410,22 @@ def test_openapi_schema_is_served_behind_the_key(server):
         schema = http.get("/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize"} <= set(schema["paths"])
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
+
+
+# -- schema-valid requests that schemathesis found refused (tests/test_server_schemathesis.py) -------------------
+def test_integers_may_have_a_zero_fraction(server):
+    # JSON Schema counts 2.0 as an integer, so OpenAI's spec allows it wherever it says "integer".
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json=chat_body(
+            n=2.0, max_tokens=None, max_completion_tokens=3.0, seed=7.0, logprobs=True, top_logprobs=1.0))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert len(body["choices"]) == 2 and body["usage"]["completion_tokens"] == 6
+        assert len(body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 1
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": [[9707.0, 1.0]], "max_tokens": 1.0,
+                                                      "logprobs": 2.0, "best_of": 1.0, "n": 1.0})
+        assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 2, response.text
+        for n in (2.5, "2", True, float("1e400")):
+            response = http.post("/v1/chat/completions", content=json.dumps(chat_body(n=n)),
+                                 headers={"content-type": "application/json"})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "n", (n, response.text)
