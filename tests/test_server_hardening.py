@@ -429,3 +429,14 @@ def test_integers_may_have_a_zero_fraction(server):
             response = http.post("/v1/chat/completions", content=json.dumps(chat_body(n=n)),
                                  headers={"content-type": "application/json"})
             assert response.status_code == 400 and response.json()["error"]["param"] == "n", (n, response.text)
+
+
+def test_top_p_zero_keeps_the_most_likely_token(server):
+    with server.http() as http:
+        def text(**fields) -> str:
+            response = http.post("/v1/chat/completions", json=chat_body(max_tokens=6, ignore_eos=True, **fields))
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+        greedy = text(temperature=0.0)
+        assert text(top_p=0.0, temperature=1.5, seed=1) == greedy == text(top_p=0.0, temperature=1.5, seed=2)
