@@ -440,3 +440,14 @@ def test_top_p_zero_keeps_the_most_likely_token(server):
 
         greedy = text(temperature=0.0)
         assert text(top_p=0.0, temperature=1.5, seed=1) == greedy == text(top_p=0.0, temperature=1.5, seed=2)
+
+
+def test_completions_max_tokens_zero_without_echo_is_the_usage(server):
+    with server.http() as http:
+        count = http.post("/tokenize", json={"prompt": "Count my tokens"}).json()["count"]
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Count my tokens", "max_tokens": 0,
+                                                      "n": 2, "logprobs": 1})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [(c["text"], c["finish_reason"]) for c in body["choices"]] == [("", "length")] * 2
+        assert body["usage"]["prompt_tokens"] == count and body["usage"]["completion_tokens"] == 0
