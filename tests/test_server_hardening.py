@@ -451,3 +451,16 @@ def test_completions_max_tokens_zero_without_echo_is_the_usage(server):
         body = response.json()
         assert [(c["text"], c["finish_reason"]) for c in body["choices"]] == [("", "length")] * 2
         assert body["usage"]["prompt_tokens"] == count and body["usage"]["completion_tokens"] == 0
+
+
+@pytest.mark.parametrize("fields", [{"modalities": []}, {"modalities": ["text", "text"]},
+                                    {"prompt_cache_options": {}},
+                                    {"prompt_cache_options": {"mode": "implicit", "ttl": "30m"}}])
+def test_default_equivalent_values_are_accepted(server, fields):
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json=chat_body(**fields))
+        assert response.status_code == 200, response.text
+        response = http.post("/v1/chat/completions", json=chat_body(prompt_cache_options={"mode": "explicit"}))
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_cache_options"
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1, "suffix": ""})
+        assert response.status_code == 200, response.text
