@@ -464,3 +464,12 @@ def test_default_equivalent_values_are_accepted(server, fields):
         assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_cache_options"
         response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1, "suffix": ""})
         assert response.status_code == 200, response.text
+
+
+def test_a_model_id_with_a_newline_is_model_not_found(server):
+    with server.http() as http:
+        for path in ("/v1/models/%0Af", "/v1/models/a%0D%0Ab", "/v1/models/org/a%0A"):
+            response = http.get(path)
+            assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", path
+        assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+        assert "/v1/models/{model_id}" in http.get("/openapi.json").json()["paths"]
