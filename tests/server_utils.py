@@ -44,12 +44,14 @@ class ServerProcess:
         args: Extra command-line arguments.
         api_key: Passed as --api-key (None: no key).
         file_limit: RLIMIT_NOFILE of the server process (None: this process's).
+        env: Environment variables to set for the server process, over this process's.
     """
 
     def __init__(self, model: str | Path | None, *args: str, api_key: str | None = API_KEY,
-                 file_limit: int | None = None) -> None:
+                 file_limit: int | None = None, env: dict[str, str] | None = None) -> None:
         self.model = None if model is None else str(model)
         self.file_limit = file_limit
+        self.env = dict(env or {})
         self.port = free_port()
         self.api_key = api_key
         self.args = [*args, *(("--api-key", api_key) if api_key else ())]
@@ -62,7 +64,7 @@ class ServerProcess:
         model = [] if self.model is None else [self.model]  # None: the server's default (demo) model
         command = [*_fabrik_command(), "serve", *model, "--host", "127.0.0.1", "--port", str(self.port),
                    *self.args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env.pop("FABRIK_API_KEY", None)
         limit = self.file_limit
         lower = None if limit is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
@@ -129,11 +131,11 @@ _SERVERS: dict[str, ServerProcess] = {}
 
 
 def shared_server(request: pytest.FixtureRequest, name: str, model: str | Path, *args: str,
-                  api_key: str | None = API_KEY) -> ServerProcess:
+                  api_key: str | None = API_KEY, env: dict[str, str] | None = None) -> ServerProcess:
     """The session's server called ``name``, started on first use and stopped when the session ends."""
     server = _SERVERS.get(name)
     if server is None or not server.alive:
-        server = ServerProcess(model, *args, api_key=api_key).start()
+        server = ServerProcess(model, *args, api_key=api_key, env=env).start()
         _SERVERS[name] = server
         request.config.add_cleanup(server.stop)
     return server

@@ -410,3 +410,66 @@ def test_openapi_schema_is_served_behind_the_key(server):
         schema = http.get("/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize"} <= set(schema["paths"])
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
+
+
+# -- schema-valid requests that schemathesis found refused (tests/test_server_schemathesis.py) -------------------
+def test_integers_may_have_a_zero_fraction(server):
+    # JSON Schema counts 2.0 as an integer, so OpenAI's spec allows it wherever it says "integer".
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json=chat_body(
+            n=2.0, max_tokens=None, max_completion_tokens=3.0, seed=7.0, logprobs=True, top_logprobs=1.0))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert len(body["choices"]) == 2 and body["usage"]["completion_tokens"] == 6
+        assert len(body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 1
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": [[9707.0, 1.0]], "max_tokens": 1.0,
+                                                      "logprobs": 2.0, "best_of": 1.0, "n": 1.0})
+        assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 2, response.text
+        for n in (2.5, "2", True, float("1e400")):
+            response = http.post("/v1/chat/completions", content=json.dumps(chat_body(n=n)),
+                                 headers={"content-type": "application/json"})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "n", (n, response.text)
+
+
+def test_top_p_zero_keeps_the_most_likely_token(server):
+    with server.http() as http:
+        def text(**fields) -> str:
+            response = http.post("/v1/chat/completions", json=chat_body(max_tokens=6, ignore_eos=True, **fields))
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+        greedy = text(temperature=0.0)
+        assert text(top_p=0.0, temperature=1.5, seed=1) == greedy == text(top_p=0.0, temperature=1.5, seed=2)
+
+
+def test_completions_max_tokens_zero_without_echo_is_the_usage(server):
+    with server.http() as http:
+        count = http.post("/tokenize", json={"prompt": "Count my tokens"}).json()["count"]
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Count my tokens", "max_tokens": 0,
+                                                      "n": 2, "logprobs": 1})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [(c["text"], c["finish_reason"]) for c in body["choices"]] == [("", "length")] * 2
+        assert body["usage"]["prompt_tokens"] == count and body["usage"]["completion_tokens"] == 0
+
+
+@pytest.mark.parametrize("fields", [{"modalities": []}, {"modalities": ["text", "text"]},
+                                    {"prompt_cache_options": {}},
+                                    {"prompt_cache_options": {"mode": "implicit", "ttl": "30m"}}])
+def test_default_equivalent_values_are_accepted(server, fields):
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json=chat_body(**fields))
+        assert response.status_code == 200, response.text
+        response = http.post("/v1/chat/completions", json=chat_body(prompt_cache_options={"mode": "explicit"}))
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_cache_options"
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1, "suffix": ""})
+        assert response.status_code == 200, response.text
+
+
+def test_a_model_id_with_a_newline_is_model_not_found(server):
+    with server.http() as http:
+        for path in ("/v1/models/%0Af", "/v1/models/a%0D%0Ab", "/v1/models/org/a%0A"):
+            response = http.get(path)
+            assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", path
+        assert http.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+        assert "/v1/models/{model_id}" in http.get("/openapi.json").json()["paths"]

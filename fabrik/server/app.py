@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -50,6 +51,17 @@ from fabrik.server.validation import check_unicode
 from fabrik.server.shutdown import Drain
 
 logger = logging.getLogger(__name__)
+
+
+class _AnyText(PathConvertor):
+    """A path segment and what follows, any character included: Starlette's ``path`` (``.*``) stops at a newline,
+    so ``GET /v1/models/a%0Ab`` matched no route and got a bare 404 instead of ``model_not_found``."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("any_text", _AnyText())
+
 
 # Status of a response nobody reads: the client disconnected before the result was ready (nginx's convention).
 _CLIENT_CLOSED = 499
@@ -125,7 +137,7 @@ def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
     async def list_models() -> Response:
         return _json(ModelList(data=[_model_card(ctx)]))
 
-    @app.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}})
+    @app.get("/v1/models/{model_id:any_text}", responses={200: {"model": ModelCard}})
     async def get_model(model_id: str) -> Response:
         ctx.check_model(model_id)
         return _json(_model_card(ctx))

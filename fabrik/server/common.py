@@ -114,10 +114,16 @@ def sampling_params(ctx: ServerContext, req: SamplingRequest, *, max_tokens: int
             raise bad_request(f"stop_token_ids contains {token_id}, outside the vocabulary [0, "
                               f"{ctx.model.vocab_size})", "stop_token_ids")
     defaults = ctx.sampling_defaults
+    top_p = _or_default(req.top_p, defaults, "top_p", 1.0)
+    top_k = _or_default(req.top_k, defaults, "top_k", 0)
+    if top_p == 0:
+        # NOTE: OpenAI allows top_p 0, where SamplingParams (like vLLM) wants it > 0: the smallest set of tokens
+        # holding at least none of the probability is the most likely token alone, which is what top_k 1 keeps.
+        top_p, top_k = 1.0, 1
     try:
         return SamplingParams(
             n=req.n, temperature=_or_default(req.temperature, defaults, "temperature", 1.0),
-            top_p=_or_default(req.top_p, defaults, "top_p", 1.0), top_k=_or_default(req.top_k, defaults, "top_k", 0),
+            top_p=top_p, top_k=top_k,
             min_p=_or_default(req.min_p, defaults, "min_p", 0.0), presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=_or_default(req.repetition_penalty, defaults, "repetition_penalty", 1.0),

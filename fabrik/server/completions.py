@@ -4,6 +4,7 @@ Scoring harnesses (lm-evaluation-harness and the like) send ``echo=true, logprob
 log-likelihood of a text. The engine always generates at least one token, so such a request runs with
 ``max_tokens=1`` and prompt logprobs, and the generated token is dropped: the answer holds the prompt, its
 logprobs (the first token's is null: nothing predicts it), ``finish_reason "length"`` and 0 completion tokens.
+Without echo, ``max_tokens=0`` answers empty texts and the usage (the prompt's token count), as the spec allows.
 
 Choice ``i * n + j`` is the ``j``-th sample of the ``i``-th prompt, as in OpenAI's API.
 """
@@ -47,7 +48,8 @@ class PreparedCompletion:
     """Shared by all prompts but for max_tokens (see PreparedPrompt.params)."""
     echo: bool
     prompt_only: bool
-    """max_tokens=0 with echo: return the prompt and its logprobs, drop the one token the engine generates."""
+    """max_tokens=0: generate nothing (the prompt and its logprobs with echo, else empty text and only the usage);
+    the engine's one token is dropped."""
     include_usage: bool
 
 
@@ -71,7 +73,7 @@ def prepare(ctx: ServerContext, req: CompletionRequest) -> PreparedCompletion:
     """Validate and tokenize a completions request; every problem is a 400 naming its parameter."""
     ctx.check_model(req.model)
     include_usage = check_stream_options(req)
-    if req.suffix is not None:
+    if req.suffix:  # "" asks for no suffix, like null
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request(f"best_of ({req.best_of}) is not supported unless it equals n ({req.n})", "best_of")
@@ -80,10 +82,7 @@ def prepare(ctx: ServerContext, req: CompletionRequest) -> PreparedCompletion:
         raise bad_request(f"prompt holds {len(inputs)} prompts; at most {ctx.config.max_prompts} are allowed",
                           "prompt")
     check_sequences(ctx, len(inputs), req.n)
-    if req.max_tokens == 0 and not req.echo:
-        raise bad_request("max_tokens must be >= 1 (0 is allowed only with echo, to score the prompt)",
-                          "max_tokens")
-    check_max_tokens(req.max_tokens, "max_tokens", allow_zero=req.echo)
+    check_max_tokens(req.max_tokens, "max_tokens", allow_zero=True)
     prompt_only = req.max_tokens == 0
     k = req.logprobs
     params = sampling_params(ctx, req, max_tokens=None, logprobs=k,

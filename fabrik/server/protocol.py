@@ -1,9 +1,11 @@
 """The wire format: pydantic models of every request and response, after OpenAI's API (and vLLM's extras).
 
 Requests are parsed strictly (``"5"`` is not an int, ``true`` is not a number), so a wrong type is a 400 naming the
-field rather than a silent coercion. An explicit ``null`` means "the default", as OpenAI's spec makes nearly every
-optional field nullable. Unknown fields are ignored, as OpenAI clients send many we have no use for; OpenAI fields we
-know but cannot honour are declared here and refused by the handlers (``server/unsupported.py``).
+field rather than a silent coercion. A number with no fraction is an integer (``2.0`` is 2): JSON has one number type,
+and JSON Schema (OpenAI's spec) counts ``2.0`` as an integer. An explicit ``null`` means "the default", as OpenAI's
+spec makes nearly every optional field nullable. Unknown fields are ignored, as OpenAI clients send many we have no
+use for; OpenAI fields we know but cannot honour are declared here and refused by the handlers
+(``server/unsupported.py``).
 Responses leave out optional fields that are None where OpenAI leaves them out (a stream delta has only what
 changed), and keep the nulls OpenAI sends (``content: null`` beside tool calls, ``finish_reason: null``).
 """
@@ -12,9 +14,9 @@ from __future__ import annotations
 
 import time
 import types
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
 
 
 def _allows_none(annotation: Any) -> bool:
@@ -23,6 +25,14 @@ def _allows_none(annotation: Any) -> bool:
     if get_origin(annotation) in (Union, types.UnionType):
         return any(_allows_none(arg) for arg in get_args(annotation))
     return False
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+"""A request integer: an int, or a float with no fraction (``2.0``); never a string, a bool or ``2.5``."""
 
 
 class _Request(BaseModel):
@@ -110,12 +120,12 @@ class SamplingRequest(_Request):
 
     model: str | None = None
     """The served model id; None means the one model served."""
-    n: int = 1
+    n: Int = 1
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: Int | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -125,8 +135,8 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    min_tokens: Int = 0
+    stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -135,11 +145,11 @@ class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     """Wins over ``max_tokens`` (which OpenAI deprecated for chat)."""
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -170,12 +180,12 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    prompt: str | list[str] | list[Int] | list[list[Int]] | None = None
     """None (or left out) is OpenAI's default prompt, ``<|endoftext|>``."""
-    max_tokens: int = 16
+    max_tokens: Int = 16
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Int | None = None
+    best_of: Int | None = None
     suffix: str | None = None
 
 
@@ -197,7 +207,7 @@ class DetokenizeRequest(_Request):
     """POST /detokenize (vLLM's shape)."""
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 # -- responses --------------------------------------------------------------------------------------------------

@@ -17,15 +17,21 @@ def _never(_value: Any) -> bool:
     return False
 
 
+def _default_cache_options(value: Any) -> bool:
+    """OpenAI's defaults (an implicit breakpoint, a 30-minute lifetime) are what the automatic prefix cache does."""
+    return isinstance(value, dict) and value.get("mode", "implicit") == "implicit" and value.get("ttl", "30m") == "30m"
+
+
 # field -> (accepts this non-null value?, why not)
 _CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "store": (lambda v: v is False, "stored chat completions are not supported"),
     "service_tier": (lambda v: v in ("auto", "default"), "only the 'auto' and 'default' service tiers exist here"),
-    "modalities": (lambda v: v == ["text"], "only text output is supported"),
+    "modalities": (lambda v: all(m == "text" for m in v), "only text output is supported"),
     "verbosity": (lambda v: v == "medium", "verbosity cannot be steered for this model"),
     "reasoning_effort": (_never, "reasoning_effort is not supported yet"),
     "prompt_cache_retention": (lambda v: v == "in_memory", "the prefix cache is in memory only"),
-    "prompt_cache_options": (_never, "prompt cache options are not supported; the prefix cache is automatic"),
+    "prompt_cache_options": (_default_cache_options,
+                             "only the default prompt cache options exist here; the prefix cache is automatic"),
     "audio": (_never, "audio output is not supported"),
     "prediction": (_never, "predicted outputs are not supported"),
     "web_search_options": (_never, "web search is not supported"),
