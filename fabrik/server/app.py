@@ -231,8 +231,7 @@ def _prepare_completion(ctx: ServerContext, raw: bytes,
 
 
 def _tokenize(ctx: ServerContext, raw: bytes, headers: Mapping[str, str]) -> TokenizeResponse:
-    limit = tokenize.TOKENIZE_LIMIT_FACTOR * ctx.model.max_model_len
-    return tokenize.tokenize(ctx, parse_body(TokenizeRequest, raw, headers, limit))
+    return tokenize.tokenize(ctx, parse_body(TokenizeRequest, raw, headers, tokenize.token_limit(ctx)))
 
 
 def _detokenize(ctx: ServerContext, raw: bytes, headers: Mapping[str, str]) -> DetokenizeResponse:

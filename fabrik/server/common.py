@@ -244,16 +244,26 @@ async def until_disconnected(request: Request) -> None:
             return
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Await ``work`` unless the client disconnects first; then cancel it (its cleanup aborts the requests)."""
+async def first_or_cancel(work: Awaitable[T], interrupt: Awaitable[object]) -> tuple[bool, T | None]:
+    """Await ``work`` unless ``interrupt`` completes first; then cancel ``work`` (its cleanup aborts its requests).
+
+    Returns:
+        (True, work's result) if it finished, else (False, None).
+    """
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(until_disconnected(request))
+    interrupted = asyncio.ensure_future(interrupt)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, interrupted}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        interrupted.cancel()
         if not task.done():
             task.cancel()
     if not task.done() or task.cancelled():
-        return None
-    return task.result()
+        return False, None
+    return True, task.result()
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work`` unless the client disconnects first; then cancel it (its cleanup aborts the requests)."""
+    _finished, result = await first_or_cancel(work, until_disconnected(request))
+    return result

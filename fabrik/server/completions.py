@@ -233,9 +233,12 @@ class CompletionRun:
         choices = [CompletionChoice(index=i, text="".join(c.text), logprobs=c.logprobs, finish_reason=c.finish_reason)
                    for i, c in enumerate(self.choices)]
         self.ctx.log_output(self.prepared.request_id, [c.text for c in choices])
+        return self._response(choices, self._usage())
+
+    def _response(self, choices: list[CompletionChoice], usage_: Usage | None = None) -> CompletionResponse:
+        """A whole response or one stream chunk (the same shape in completions)."""
         return CompletionResponse(id=self.prepared.request_id, created=self.created, model=self.model_name,
-                                  system_fingerprint=self.ctx.fingerprint,
-                                  choices=choices, usage=self._usage())
+                                  system_fingerprint=self.ctx.fingerprint, choices=choices, usage=usage_)
 
     def events(self) -> AsyncIterator[str]:
         """Server-sent events: one chunk per choice update, the usage chunk if asked, then [DONE]."""
@@ -246,14 +249,9 @@ class CompletionRun:
             index, text, logprobs = self._apply(prompt_index, update)
             choice = self.choices[index]
             if text or logprobs is not None or update.finished:
-                yield sse_event(CompletionResponse(
-                    id=self.prepared.request_id, created=self.created, model=self.model_name,
-                    system_fingerprint=self.ctx.fingerprint,
-                    choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                              finish_reason=choice.finish_reason)]),
-                    self.prepared.include_usage)
+                yield sse_event(self._response([CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                                                 finish_reason=choice.finish_reason)]),
+                                self.prepared.include_usage)
         if self.prepared.include_usage:
-            yield sse_event(CompletionResponse(id=self.prepared.request_id, created=self.created,
-                                               model=self.model_name, system_fingerprint=self.ctx.fingerprint,
-                                               choices=[], usage=self._usage()))
+            yield sse_event(self._response([], self._usage()))
         self.ctx.log_output(self.prepared.request_id, ["".join(c.text) for c in self.choices])

@@ -97,7 +97,6 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._not_started: dict[str, int] = {}
         """Loop side: requests that have not produced a token yet, and their sequences (the 429 limit counts these)."""
-        self._num_not_started = 0
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._dead_reason: str | None = None
@@ -130,10 +129,10 @@ class EngineClient:
     @property
     def num_not_started(self) -> int:
         """Sequences (prompts x n) accepted that have not produced a token yet."""
-        return self._num_not_started
+        return sum(self._not_started.values())
 
     def _started(self, request_id: str) -> None:
-        self._num_not_started -= self._not_started.pop(request_id, 0)
+        self._not_started.pop(request_id, None)
 
     # -- the HTTP side (call on the event loop) --------------------------------------------
     def check_capacity(self, num_sequences: int) -> None:
@@ -155,9 +154,7 @@ class EngineClient:
         if self._dead_reason is not None:
             raise EngineDeadError(f"the engine is not healthy: {self._dead_reason}")
         accepted = asyncio.get_running_loop().create_future()
-        self._started(request_id)
         self._not_started[request_id] = params.n
-        self._num_not_started += params.n
         self._commands.put(_Add(request_id, prompt_ids, params, output, accepted, arrival, group))
         return accepted
 

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import uvicorn
 
+from fabrik.server.common import first_or_cancel
 from fabrik.server.errors import APIError
 from fabrik.server.logs import AcceptErrorHandler
 from fabrik.server.streaming import sse_done, sse_error
@@ -90,16 +91,9 @@ class Drain:
     async def response(self, work: Awaitable[T]) -> T:
         """``await work``, unless the drain expires first: then ``work`` is cancelled (its cleanup aborts its requests)
         and the shutdown error is raised (a 503)."""
-        task = asyncio.ensure_future(work)
-        expired = asyncio.ensure_future(self._expired.wait())
-        try:
-            await asyncio.wait({task, expired}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            expired.cancel()
-            if not task.done():
-                task.cancel()
-        if task.done() and not task.cancelled():
-            return task.result()
+        finished, result = await first_or_cancel(work, self._expired.wait())
+        if finished:
+            return result  # type: ignore[return-value]
         raise shutting_down()
 
 

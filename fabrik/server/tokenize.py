@@ -16,12 +16,17 @@ TOKENIZE_LIMIT_FACTOR = 4
 """/tokenize counts up to this many times the context length."""
 
 
+def token_limit(ctx: ServerContext) -> int:
+    """Most tokens /tokenize counts (and most messages or prompt entries it validates)."""
+    return TOKENIZE_LIMIT_FACTOR * ctx.model.max_model_len
+
+
 def tokenize(ctx: ServerContext, body: TokenizeRequest) -> TokenizeResponse:
     ctx.check_model(body.model)
     tokenizer = ctx.need_tokenizer("tokenize")
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt or messages", "prompt")
-    limit = TOKENIZE_LIMIT_FACTOR * ctx.model.max_model_len
+    limit = token_limit(ctx)
     if body.messages is not None:
         ids = chat.encode_messages(ctx, body.messages, body.tools, body.chat_template_kwargs,
                                    add_generation_prompt=body.add_generation_prompt, limit=limit).token_ids

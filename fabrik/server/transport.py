@@ -228,23 +228,16 @@ class GuardedH11Protocol(H11Protocol):
             self._deadline.cancel()
             self._deadline = None
         self._phase = phase
-        if phase is _Phase.HEAD:
-            self._deadline = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
-        elif phase is _Phase.BODY:
-            self._deadline = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+        if phase is not None:
+            seconds = self.limits.header_timeout if phase is _Phase.HEAD else self.limits.body_timeout
+            self._deadline = self.loop.call_later(seconds, self._timed_out, phase, seconds)
 
     def _start_idle_deadline(self) -> None:
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
-    def _head_timed_out(self) -> None:
+    def _timed_out(self, phase: _Phase, seconds: float) -> None:
         self._deadline = None
-        self._end_unanswered_request(APIError(408, f"the request head did not arrive within "
-                                                   f"{self.limits.header_timeout:g} s"))
-
-    def _body_timed_out(self) -> None:
-        self._deadline = None
-        self._end_unanswered_request(APIError(408, f"the request body did not arrive within "
-                                                   f"{self.limits.body_timeout:g} s"))
+        self._end_unanswered_request(APIError(408, f"the request {phase.value} did not arrive within {seconds:g} s"))
 
     def _end_unanswered_request(self, error: APIError) -> None:
         """Answer ``error`` and close, or only close if the request was answered already (a 413 while its body came)."""
