@@ -7,10 +7,12 @@ rotated so that their total exceeds the 32 MB L3):
     torch    F.linear(x, w) on the bf16 weight (torch's own kernel)
     native   the native bf16 kernel
     int8     the native int8 kernel (GB/s counted on its own bytes: 1.0625 per weight)
+    int4     the native int4 kernel (groups of 32; its own bytes: 0.5625 per weight)
 
-and prints GB/s (median over repeats) and native / stream. Run:
+and prints GB/s (median over repeats), native / stream, and the GOP/s of the three native kernels (2 M N K per call:
+what decides at batch sizes where the weights are no longer the bottleneck). Run:
 
-    .venv/bin/python bench/kernels.py [--batch 1] [--repeats 30] [--threads 2]
+    .venv/bin/python bench/kernels.py [--batch 1] [--repeats 30] [--threads 2] [--kernels native-avx2]
 
 With ``--model PATH`` it measures a whole checkpoint instead, through ``fabrik.LLM``: batch-1 greedy decode tok/s
 on the torch, native bf16, int8, int4 and int4-g128 paths (interleaved rounds), then their accuracy against bf16:
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--kernels", default="native", help="native, native-avx512 or native-avx2")
     parser.add_argument("--model", help="a checkpoint folder: measure whole-model decode and int8 / int4 accuracy "
                                         "instead")
     args = parser.parse_args()
@@ -139,37 +142,39 @@ def main() -> None:
         bench_model(args.model, max(1, args.repeats // 10))
         return
     library = load_library()
-    backend = select_backend("native")
+    backend = select_backend(args.kernels)
     if not isinstance(backend, NativeBackend):
         raise SystemExit("native kernels unavailable")
     backend = NativeBackend(backend.isa, args.threads)
     print(f"backend {backend.name}, threads {args.threads}, batch {args.batch}, repeats {args.repeats} "
           f"(median), library {library.path}")
-    print(f"{'shape':<14} {'N x K':>13} {'stream':>8} {'torch':>8} {'native':>8} {'int8':>8} "
-          f"{'nat/str':>8} {'tor/str':>8} {'i8 x':>6}   (GB/s; i8 x = int8 speed-up over native bf16 in time)")
+    print(f"{'shape':<14} {'N x K':>13} {'stream':>8} {'torch':>8} {'native':>8} {'int8':>8} {'int4':>8} "
+          f"{'nat/str':>8} {'tor/str':>8}   GOP/s: {'bf16':>6} {'int8':>6} {'int4':>6}   (GB/s on each one's bytes)")
     torch.manual_seed(0)
     for label in args.shapes:
         n, k = SHAPES[label]
         nbytes = n * k * 2
         copies = max(2, COLD_BYTES // nbytes)
         weights = [torch.randn(n, k).to(torch.bfloat16) for _ in range(copies)]
-        bf16 = [backend.linear(w, None, None) for w in weights]
-        int8 = [backend.linear(w, None, "int8") for w in weights]
+        layers = {fmt: [backend.linear(w, None, q) for w in weights]
+                  for fmt, q in (("native", None), ("int8", "int8"), ("int4", "int4"))}
         reads = [torch.ones(nbytes, dtype=torch.uint8) for _ in range(copies)]
         x = torch.randn(args.batch, k).to(torch.bfloat16)
         with torch.inference_mode():
             t = _median_seconds({
                 "stream": _rotating(reads, lambda b: library.stream_read(b.data_ptr(), b.numel(), args.threads)),
                 "torch": _rotating(weights, lambda w: F.linear(x, w)),
-                "native": _rotating(bf16, lambda m: m(x)),
-                "int8": _rotating(int8, lambda m: m(x)),
+                **{fmt: _rotating(mods, lambda m: m(x)) for fmt, mods in layers.items()},
             }, args.repeats)
         gbs = {name: nbytes / 1e9 / s for name, s in t.items()}
-        gbs["int8"] = int8[0].packed.numel() / 1e9 / t["int8"]
+        for fmt in ("int8", "int4"):
+            gbs[fmt] = layers[fmt][0].packed.numel() / 1e9 / t[fmt]
+        gops = {fmt: 2 * args.batch * n * k / 1e9 / t[fmt] for fmt in layers}
         print(f"{label:<14} {f'{n}x{k}':>13} {gbs['stream']:8.1f} {gbs['torch']:8.1f} {gbs['native']:8.1f} "
-              f"{gbs['int8']:8.1f} {gbs['native'] / gbs['stream']:8.2f} {gbs['torch'] / gbs['stream']:8.2f} "
-              f"{t['native'] / t['int8']:6.2f}")
-        del weights, bf16, int8, reads
+              f"{gbs['int8']:8.1f} {gbs['int4']:8.1f} {gbs['native'] / gbs['stream']:8.2f} "
+              f"{gbs['torch'] / gbs['stream']:8.2f}          {gops['native']:6.0f} {gops['int8']:6.0f} "
+              f"{gops['int4']:6.0f}")
+        del weights, layers, reads
 
 
 if __name__ == "__main__":

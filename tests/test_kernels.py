@@ -14,13 +14,11 @@ import fabrik.sampling.sampler as sampler_module
 from fabrik import LLM, SamplingParams
 from fabrik.kernels import KernelBackend, NativeBackend, TorchBackend, apply_kernels, select_backend
 from fabrik.kernels.linear import GROUP, int8_reference, quantize, quantize_int4, quantize_int8
-from fabrik.kernels.native import ISA_AVX2, ISA_AVX512, KernelBuildError, best_isa, build, cpu_flags
+from fabrik.kernels.native import ISA_AVX2, ISA_AVX512, KernelBuildError, build
+from native_backends import BEST_ISA, NATIVE_NAMES
 
-BEST_ISA = best_isa(cpu_flags())
-NATIVE_NAMES = [name for name, isa in (("native-avx512", ISA_AVX512), ("native-avx2", ISA_AVX2))
-                if BEST_ISA is not None and (BEST_ISA == ISA_AVX512 or isa == ISA_AVX2)]
 SHAPES = [(1, 1), (37, 70), (100, 129), (64, 64), (33, 200), (130, 1000)]  # (N, K): padded rows and K
-BATCHES = [1, 2, 7, 9, 17, 64]  # tiles: 8 rows (bf16 AVX-512), 6 (int8 AVX-512), 4 and 2 (AVX2)
+BATCHES = [1, 2, 7, 9, 17, 64]  # tiles: 8 rows (bf16 AVX-512), 6 (int8 AVX-512), 4 (AVX2)
 
 
 @pytest.fixture(params=NATIVE_NAMES or [pytest.param("none", marks=pytest.mark.skip("no native kernels here"))])
@@ -120,6 +118,25 @@ def test_quantized_matches_reference(native, fmt, n, k):
         unquantized = F.linear(x.double(), w.double(), None if b is None else b.double())
         err = _rel_err(native.linear(w, b, fmt)(x), unquantized)  # bf16 out
         assert err <= bound, f"M={m} N={n} K={k}: {fmt} vs unquantized: relative error {err:.2e} > {bound}"
+
+
+@pytest.mark.parametrize("fmt", sorted(_QUANT_BOUNDS))
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_quantized_extremes_do_not_saturate(native, fmt, sign):
+    """The AVX2 kernels add byte products in 16 bits (vpmaddubsw): the largest sums they can meet, every weight at the
+    end of its range (int4 stored 15 and 0, int8 +-127) against every x at +-127, still match the reference."""
+    n, k = 33, 256
+    w = torch.full((n, k), 7.0)
+    w[:, ::32] = -8.0  # each group's largest magnitude: q = -8, so the 7s are q = 7 (int4: stored 15), 111 (int8)
+    w[1::2] *= -1  # int4: the same q (the scale changes sign); int8: -111 and 127
+    w[2] = 1.0  # int4: q = -8 everywhere (stored 0); int8: q = 127 everywhere
+    w[3] = -1.0
+    x = torch.full((4, k), sign).to(torch.bfloat16)  # x_q = +-127 everywhere
+    x[1, 1::2] *= -1
+    q, scale = quantize(w.to(torch.bfloat16), fmt)
+    ours = native.linear(w.to(torch.bfloat16), None, fmt, out_dtype=torch.float32)(x)
+    err = _rel_err(ours, int8_reference(x, q, scale, None))
+    assert err <= 1e-5, f"{fmt}: relative error {err:.2e} > 1e-5 (a 16-bit sum saturated or wrapped?)"
 
 
 @pytest.mark.parametrize("fmt", sorted(_QUANT_BOUNDS))
@@ -275,11 +292,9 @@ def test_torch_backend_leaves_model_alone(qwen3_ckpt):
 
 
 @pytest.mark.parametrize("quantization", [None, "int8", "int4", "int4-g128"])
-def test_engine_properties_hold_on_the_native_path(qwen3_ckpt, quantization):
+def test_engine_properties_hold_on_the_native_path(native, qwen3_ckpt, quantization):
     """Batch equals single and prefix cache on equals off, with the native kernels doing the matmuls."""
-    backend = select_backend("auto")
-    if backend.name == "torch":
-        pytest.skip("no native kernels on this CPU")
+    backend = native
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 

@@ -17,17 +17,16 @@ from fabrik.loader import load_model
 from fabrik.model_config import load_model_config
 from fabrik.models.attention import AttentionMetadata, StepBatch, kv_bytes_per_token, make_kv_caches
 from checkpoints import make_checkpoint
+from native_backends import NATIVE_NAMES
 
 BLOCK = 4
 NUM_BLOCKS = 60
 
 
-@pytest.fixture(scope="module")
-def backend():
-    backend = select_backend("auto")
-    if backend.name == "torch":
-        pytest.skip("no native kernels on this CPU")
-    return backend
+@pytest.fixture(scope="module",
+                params=NATIVE_NAMES or [pytest.param("none", marks=pytest.mark.skip("no native kernels here"))])
+def backend(request):
+    return select_backend(request.param)
 
 
 class _Pair:

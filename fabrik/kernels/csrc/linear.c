@@ -12,7 +12,7 @@
  * Threads split the blocks into contiguous ranges, so each thread reads one sequential stream; each loaded weight
  * block is used for up to MT rows of x before moving on (the block stays in L1/L2 for the next MT rows).
  */
-#include "linear.h"
+#include "linear_avx2.h"
 
 int fabrik_abi_version(void) { return FABRIK_ABI_VERSION; }
 
@@ -168,13 +168,8 @@ INLINE256 void bf16_tile_avx2(const fabrik_linear *L, const uint16_t *blk, const
             hi[i] = _mm256_fmadd_ps(o1, xo, _mm256_fmadd_ps(e1, xe, hi[i]));
         }
     }
-    float res[ROWS];
 #pragma GCC unroll 4
-    for (int i = 0; i < MT; i++) {
-        _mm256_storeu_ps(res, lo[i]);
-        _mm256_storeu_ps(res + 8, hi[i]);
-        store_scalar(L, res, out, flags, m0 + i, n0);
-    }
+    for (int i = 0; i < MT; i++) store16_avx2(L, lo[i], hi[i], out, flags, m0 + i, n0);
 }
 
 T256 static void bf16_run_avx2(const fabrik_linear *L, const float *xf, int M, void *out, int flags,
@@ -187,6 +182,7 @@ T256 static void bf16_run_avx2(const fabrik_linear *L, const float *xf, int M, v
         int b0, b1;
         thread_blocks(L->nblocks, &b0, &b1);
         lane_max *mine = lanes ? lanes + (long)omp_get_thread_num() * M : NULL;
+        int folded = b0;
         for (int b = b0; b < b1; b++) {
             const uint16_t *blk = W + b * block_elems;
             for (int m = 0; m < M; m += 4) {
@@ -198,7 +194,7 @@ T256 static void bf16_run_avx2(const fabrik_linear *L, const float *xf, int M, v
                 default: bf16_tile_avx2(L, blk, x, xs, 4, out, flags, m, b * ROWS); break;
                 }
             }
-            if (mine) fold_outputs(mine, (const float *)out, M, L->n, b * ROWS, (b + 1) * ROWS);
+            fold_due_avx2(mine, (const float *)out, M, L->n, &folded, b + 1, b1);
         }
     }
 }

@@ -84,7 +84,8 @@ typedef struct {
     int32_t pad[15]; /* 192 bytes: the threads' lanes never share a cache line */
 } lane_max;
 
-/* Folds outputs [n0, n1) of rows 0..M-1 of out (float32, N wide) into lanes[0..M), scalar (AVX2 path). */
+/* Folds outputs [n0, n1) of rows 0..M-1 of out (float32, N wide) into lanes[0..M), scalar (the partial last block
+ * of the AVX2 fold). */
 static inline void fold_outputs(lane_max *lanes, const float *out, int M, int N, int n0, int n1) {
     n1 = n1 < N ? n1 : N;
     for (int m = 0; m < M; m++)

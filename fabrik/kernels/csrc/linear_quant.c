@@ -1,4 +1,5 @@
-/* Native linear layers (y = x W^T + b) for int8 and int4 weights (linear.c has bf16; linear.h the shared parts).
+/* Native linear layers (y = x W^T + b) for int8 and int4 weights: activation quantization, the AVX-512 VNNI kernels
+ * and the entry points (linear.c has bf16; linear_quant_avx2.c the AVX2 kernels; linear.h the shared parts).
  *
  * Weight layouts (built by fabrik/kernels/linear.py; N rows padded to a multiple of 16, see docs/kernels.md):
  *
@@ -14,22 +15,11 @@
  *         With groups of 64 one fp16 scale per row covers the unit (544 bytes); with groups of 128 two units' data
  *         share one (1056 bytes per 128 K): [512 bytes of data][512 bytes of data][fp16 scale of rows 0..15].
  */
-#include "linear.h"
-
-/* ---------------------------------------------------------------------------------------------------------------
- * int8: activations are quantized per group of the weights' size (32, or 64 / 128 for int4-g64 / -g128; symmetric
- * absmax, like the weights); the integer dot product of a group of 32 is exact, then scaled by w_scale * x_scale in
- * fp32. The scale and correction arrays keep one entry per 32 values, repeated across a larger group.
- * ------------------------------------------------------------------------------------------------------------- */
-typedef struct {
-    int8_t *q;     /* (M, Kp) quantized x */
-    float *scale;  /* (M, Kp / 32) */
-    int32_t *corr; /* (M, Kp / 32): zero point (128 or 8) * sum of q over the 32: removes the weights' + zero */
-} quant_x;
+#include "linear_quant.h"
 
 /* Quantizes group g (of xg values) of row m of x: scale = absmax / 127, q = round-half-even(x * (127 / absmax)).
  * zp: the weights' zero point, premultiplied into corr so that the kernels subtract it as a broadcast operand. */
-static void quantize_group(const void *x, int flags, int m, int g, int xg, int K, int Kp, int zp, quant_x *qx) {
+void quantize_group(const void *x, int flags, int m, int g, int xg, int K, int Kp, int zp, quant_x *qx) {
     float v[128], amax = 0.0f; /* xg <= 128: the largest int4 group */
     for (int j = 0; j < xg; j++) {
         int k = g * xg + j;
@@ -88,7 +78,7 @@ static void quantize_x(const fabrik_linear *L, const void *x, int flags, int M, 
         if (L->isa == ISA_AVX512)
             quantize_row_avx512(x, flags, m, xg, L->k, L->kp, zp, qx);
         else
-            for (int g = 0; g < L->kp / xg; g++) quantize_group(x, flags, m, g, xg, L->k, L->kp, zp, qx);
+            quantize_row_avx2(x, flags, m, xg, L->k, L->kp, zp, qx);
     }
 }
 
@@ -97,20 +87,6 @@ static void quantize_x(const fabrik_linear *L, const void *x, int flags, int M, 
 INLINE512 __m512i dpbusd_bcast(__m512i acc, __m512i w, const i32_alias *x) {
     __asm__("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
     return acc;
-}
-
-/* BITS 8 or 4 (a constant after inlining): the two formats differ only in how a unit's lines are loaded and where
- * its scales sit (corr holds the zero point, 128 or 8, times the group's sum of x_q). */
-/* Where a block's 64-K unit s keeps its data and its scales, for BITS and GS (weights per scale) constants:
- * units of GS = 128 pair up behind one line of 16 scales; GS = 64 has one line per unit; GS = 32 two lines. */
-#define UNIT_DATA(BITS) ((BITS) == 8 ? UNIT_BYTES - 64 : UNIT_BYTES4 - 64)
-#define SUPER_UNITS(GS) ((GS) == 128 ? 2 : 1)
-#define SUPER_BYTES(BITS, GS) (SUPER_UNITS(GS) * UNIT_DATA(BITS) + ((GS) == 32 ? 64 : 32))
-static inline const uint8_t *unit_data(const uint8_t *blk, int s, int BITS, int GS) {
-    return blk + (long)(s / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS) + (long)(s % SUPER_UNITS(GS)) * UNIT_DATA(BITS);
-}
-static inline const uint8_t *unit_scales(const uint8_t *blk, int s, int BITS, int GS) {
-    return blk + (long)(s / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS) + SUPER_UNITS(GS) * UNIT_DATA(BITS);
 }
 
 /* pf: the share of the thread's next block this tile pulls into L2 (linear.h, next_slice). */
@@ -180,17 +156,17 @@ INLINE512 void quant_tile_avx512(const fabrik_linear *L, const uint8_t *blk, con
 #define QUANT_RUN_AVX512(NAME, BITS, GS)                                                                              \
     T512 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags, lane_max *lanes) { \
         const uint8_t *W = (const uint8_t *)L->weight;                                                              \
-        long block_bytes = (long)(L->kp / UNIT_K / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS);                        \
+        long bytes = block_bytes(L, BITS, GS);                                                                      \
         _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
             int b0, b1;                                                                                             \
             thread_blocks(L->nblocks, &b0, &b1);                                                                    \
             lane_max *mine = lanes ? lanes + (long)omp_get_thread_num() * M : NULL;                                 \
             int tiles = (M + 5) / 6, folded = b0;                                                                   \
             for (int b = b0; b < b1; b++) {                                                                         \
-                const uint8_t *blk = W + b * block_bytes;                                                           \
-                const char *next = b + 1 < b1 ? (const char *)(blk + block_bytes) : NULL;                          \
+                const uint8_t *blk = W + b * bytes;                                                                 \
+                const char *next = b + 1 < b1 ? (const char *)(blk + bytes) : NULL;                                \
                 for (int m = 0; m < M; m += 6) {                                                                    \
-                    next_prefetch pf = next_slice(next, block_bytes, tiles, m / 6, 8L * (L->kp / UNIT_K));         \
+                    next_prefetch pf = next_slice(next, bytes, tiles, m / 6, 8L * (L->kp / UNIT_K));               \
                     switch (M - m < 6 ? M - m : 6) {                                                                \
                     case 1: quant_tile_avx512(L, blk, qx, m, 1, out, flags, b * ROWS, BITS, GS, pf); break;     \
                     case 2: quant_tile_avx512(L, blk, qx, m, 2, out, flags, b * ROWS, BITS, GS, pf); break;     \
@@ -209,98 +185,6 @@ QUANT_RUN_AVX512(int8_run_avx512, 8, 32)
 QUANT_RUN_AVX512(int4_run_avx512, 4, 32)
 QUANT_RUN_AVX512(int4g64_run_avx512, 4, 64)
 QUANT_RUN_AVX512(int4g128_run_avx512, 4, 128)
-
-/* AVX2: vpmaddwd on zero-extended weights (no VNNI); 4 rows x 4 K per 128-bit piece, pairs summed at group end. */
-INLINE256 __m256i hsum_rows_avx2(__m256i a, __m256i b) { /* (rows 0-3 pairs, rows 4-7 pairs) -> rows 0..7 */
-    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xD8);
-}
-
-INLINE256 void quant_tile_avx2(const fabrik_linear *L, const uint8_t *blk, const quant_x *qx, int m0, int MT,
-                               void *out, int flags, int n0, int BITS, int GS) {
-    int S = L->kp / UNIT_K, G = L->kp / GROUP;
-    const __m128i nibble = _mm_set1_epi8(0x0f);
-    __m256 lo[2], hi[2];
-#pragma GCC unroll 2
-    for (int i = 0; i < MT; i++) lo[i] = hi[i] = _mm256_setzero_ps();
-    for (int s = 0; s < S; s++) {
-        const uint8_t *u = unit_data(blk, s, BITS, GS), *sc = unit_scales(blk, s, BITS, GS);
-        for (int g = 0; g < 2; g++) {
-            __m256i acc[2][4];
-#pragma GCC unroll 2
-            for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c++) {
-                __m256i w16[4];
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; j++) {
-                    __m128i piece;
-                    if (BITS == 8) {
-                        piece = _mm_loadu_si128((const __m128i *)(u + c * 128 + g * 64 + 16 * j));
-                    } else {
-                        piece = _mm_loadu_si128((const __m128i *)(u + c * 64 + 16 * j));
-                        piece = _mm_and_si128(g ? _mm_srli_epi16(piece, 4) : piece, nibble);
-                    }
-                    w16[j] = _mm256_cvtepu8_epi16(piece);
-                }
-#pragma GCC unroll 2
-                for (int i = 0; i < MT; i++) {
-                    const int8_t *xq = qx->q + (long)(m0 + i) * L->kp + s * UNIT_K + g * GROUP + c * 4;
-                    __m256i xv = _mm256_set_epi16(xq[3], xq[2], xq[1], xq[0], xq[3], xq[2], xq[1], xq[0], xq[3],
-                                                  xq[2], xq[1], xq[0], xq[3], xq[2], xq[1], xq[0]);
-#pragma GCC unroll 4
-                    for (int j = 0; j < 4; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(w16[j], xv));
-                }
-            }
-            const uint8_t *scg = sc + (GS == 32 ? g * 32 : 0);
-            __m256 sc_lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scg));
-            __m256 sc_hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scg + 16)));
-#pragma GCC unroll 2
-            for (int i = 0; i < MT; i++) {
-                long gi = (long)(m0 + i) * G + 2 * s + g;
-                __m256i corr = _mm256_set1_epi32(qx->corr[gi]);
-                __m256 xs = _mm256_set1_ps(qx->scale[gi]);
-                __m256 d_lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][0], acc[i][1]), corr));
-                __m256 d_hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(hsum_rows_avx2(acc[i][2], acc[i][3]), corr));
-                lo[i] = _mm256_fmadd_ps(d_lo, _mm256_mul_ps(sc_lo, xs), lo[i]);
-                hi[i] = _mm256_fmadd_ps(d_hi, _mm256_mul_ps(sc_hi, xs), hi[i]);
-            }
-        }
-    }
-    float res[ROWS];
-#pragma GCC unroll 2
-    for (int i = 0; i < MT; i++) {
-        _mm256_storeu_ps(res, lo[i]);
-        _mm256_storeu_ps(res + 8, hi[i]);
-        store_scalar(L, res, out, flags, m0 + i, n0);
-    }
-}
-
-#define QUANT_RUN_AVX2(NAME, BITS, GS)                                                                                \
-    T256 static void NAME(const fabrik_linear *L, const quant_x *qx, int M, void *out, int flags, lane_max *lanes) { \
-        const uint8_t *W = (const uint8_t *)L->weight;                                                              \
-        long block_bytes = (long)(L->kp / UNIT_K / SUPER_UNITS(GS)) * SUPER_BYTES(BITS, GS);                        \
-        _Pragma("omp parallel num_threads(L->nthreads)") {                                                          \
-            int b0, b1;                                                                                             \
-            thread_blocks(L->nblocks, &b0, &b1);                                                                    \
-            lane_max *mine = lanes ? lanes + (long)omp_get_thread_num() * M : NULL;                                 \
-            for (int b = b0; b < b1; b++) {                                                                         \
-                const uint8_t *blk = W + b * block_bytes;                                                           \
-                for (int m = 0; m < M; m += 2) {                                                                    \
-                    if (M - m == 1)                                                                                 \
-                        quant_tile_avx2(L, blk, qx, m, 1, out, flags, b * ROWS, BITS, GS);                          \
-                    else                                                                                            \
-                        quant_tile_avx2(L, blk, qx, m, 2, out, flags, b * ROWS, BITS, GS);                          \
-                }                                                                                                   \
-                if (mine) fold_outputs(mine, (const float *)out, M, L->n, b * ROWS, (b + 1) * ROWS);                \
-            }                                                                                                       \
-        }                                                                                                           \
-    }
-
-QUANT_RUN_AVX2(int8_run_avx2, 8, 32)
-QUANT_RUN_AVX2(int4_run_avx2, 4, 32)
-QUANT_RUN_AVX2(int4g64_run_avx2, 4, 64)
-QUANT_RUN_AVX2(int4g128_run_avx2, 4, 128)
-
-typedef void (*quant_run)(const fabrik_linear *, const quant_x *, int, void *, int, lane_max *);
 
 static int quant_linear(const fabrik_linear *L, const void *x, int M, void *out, int flags, int bits,
                         int64_t *argmax) {
